@@ -1,0 +1,1 @@
+"""Cluster launch helpers: SLURM, DeepSpeed multi-node and Ray cluster jobs."""

@@ -1,0 +1,1 @@
+"""Pretraining: the Multiway Transformer, its config, the released checkpoint layout and model arithmetic."""

@@ -1,0 +1,284 @@
+"""The BEiT-3 Multiway Transformer in plain PyTorch.
+
+One implementation serves the paper's giant (shared attention, vision-language experts in the top layers)
+and the released base/large (per-modality attention, no vision-language expert). Parallelism, precision and
+file formats are applied from outside; this module only knows tensors and its `ModelConfig`.
+
+The residual stream is kept as a list of contiguous per-modality segments (image tokens, then text tokens).
+Each sub-block picks its weights per segment once, so no tensor is split and re-joined around every linear
+layer; the only join is the q/k/v concatenation that the joint softmax over the whole sequence needs.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .model_config import ModelConfig
+
+VISION = "vision"
+TEXT = "text"
+SHARED = "shared"
+VISION_LANGUAGE = "vl"
+
+FIRST_POSITION = 2
+"""Position tables start at row 2, a fairseq convention kept by the released checkpoints."""
+
+
+@dataclass
+class MultiwayOutput:
+    """Final hidden states per modality, and head logits at the requested masked positions."""
+
+    vision: torch.Tensor | None
+    text: torch.Tensor | None
+    mim_logits: torch.Tensor | None = None
+    mlm_logits: torch.Tensor | None = None
+
+
+def drop_path_scale(batch: int, rate: float, reference: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample stochastic-depth factor, shape [batch, 1, 1], or None when nothing is dropped.
+
+    One factor per sample is shared by all of that sample's segments, so an image-text pair keeps or drops
+    its residual branch as a whole, as a per-sequence drop path on the joined sequence would.
+    """
+    if rate == 0.0:
+        return None
+    keep = 1.0 - rate
+    return torch.empty(batch, 1, 1, dtype=reference.dtype, device=reference.device).bernoulli_(keep) / keep
+
+
+class AttentionBranch(nn.Module):
+    """One modality's attention weights (or the shared ones): pre-LN, fused q/k/v, sub-LN, output projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden
+        self.norm = nn.LayerNorm(d, eps=config.layernorm_eps)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.inner_norm = nn.LayerNorm(d, eps=config.layernorm_eps)
+        self.proj = nn.Linear(d, d)
+
+
+class FeedForwardExpert(nn.Module):
+    """One FFN expert with sub-LN: fc2(LN(GELU(fc1(LN(x)))))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden, eps=config.layernorm_eps)
+        self.fc1 = nn.Linear(config.hidden, config.ffn_hidden)
+        self.ffn_norm = nn.LayerNorm(config.ffn_hidden, eps=config.layernorm_eps)
+        self.fc2 = nn.Linear(config.ffn_hidden, config.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.ffn_norm(F.gelu(self.fc1(self.norm(x)))))
+
+
+class MultiwayLayer(nn.Module):
+    """Joint self-attention over all segments, then one FFN expert per segment."""
+
+    def __init__(self, config: ModelConfig, drop_path_rate: float, has_vl_expert: bool):
+        super().__init__()
+        self.heads = config.heads
+        self.decoupled = config.attention == "decoupled"
+        self.has_vl_expert = has_vl_expert
+        self.drop_path_rate = drop_path_rate
+        attention_keys = [VISION, TEXT] if self.decoupled else [SHARED]
+        self.attn = nn.ModuleDict({key: AttentionBranch(config) for key in attention_keys})
+        expert_keys = [VISION, TEXT] + ([VISION_LANGUAGE] if has_vl_expert else [])
+        self.ffn = nn.ModuleDict({key: FeedForwardExpert(config) for key in expert_keys})
+
+    def attention_branch(self, modality: str) -> AttentionBranch:
+        return self.attn[modality if self.decoupled else SHARED]
+
+    def expert(self, modality: str, is_pair: bool) -> FeedForwardExpert:
+        return self.ffn[VISION_LANGUAGE if is_pair and self.has_vl_expert else modality]
+
+    def _attend(self, segments: list[torch.Tensor], modalities: list[str], key_mask: torch.Tensor | None):
+        branches = [self.attention_branch(m) for m in modalities]
+        qkv_parts = [branch.qkv(branch.norm(x)) for branch, x in zip(branches, segments)]
+        qkv = qkv_parts[0] if len(qkv_parts) == 1 else torch.cat(qkv_parts, dim=1)
+        batch, length, _ = qkv.shape
+        q, k, v = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        attended = attended.transpose(1, 2).reshape(batch, length, -1)
+        lengths = [x.shape[1] for x in segments]
+        return [branch.proj(branch.inner_norm(part)) for branch, part in zip(branches, attended.split(lengths, 1))]
+
+    def forward(
+        self, segments: list[torch.Tensor], modalities: list[str], key_mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        is_pair = len(segments) > 1
+        rate = self.drop_path_rate if self.training else 0.0
+        scale = drop_path_scale(segments[0].shape[0], rate, segments[0])
+        attended = self._attend(segments, modalities, key_mask)
+        segments = [x + (a if scale is None else a * scale) for x, a in zip(segments, attended)]
+        scale = drop_path_scale(segments[0].shape[0], rate, segments[0])
+        outputs = []
+        for x, modality in zip(segments, modalities):
+            y = self.expert(modality, is_pair)(x)
+            outputs.append(x + (y if scale is None else y * scale))
+        return outputs
+
+
+class VisionEmbedding(nn.Module):
+    """Patchify with a strided convolution, replace masked patches by the mask token, prepend CLS."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.image_size = config.image_size
+        self.proj = nn.Conv2d(config.in_chans, config.hidden, kernel_size=config.patch_size, stride=config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden))
+
+    def forward(self, image: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        if image.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"image of size {tuple(image.shape[-2:])} given to a model configured for "
+                f"{self.image_size}x{self.image_size} (model.image_size)"
+            )
+        patches = self.proj(image).flatten(2).transpose(1, 2)
+        if image_mask is not None:
+            patches = torch.where(image_mask.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+        return torch.cat([self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype), patches], dim=1)
+
+
+class MultiwayTransformer(nn.Module):
+    """BEiT-3 with its two masked-prediction heads (MLM over text ids, MIM over visual codes)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden
+        self.text_embed = nn.Embedding(config.vocab_size, d)
+        self.vision_embed = VisionEmbedding(config)
+        self.vision_pos_embed = nn.Parameter(torch.zeros(config.image_tokens + FIRST_POSITION, d))
+        self.text_pos_embed = nn.Parameter(torch.zeros(config.text_positions, d))
+        depth_rates = [config.drop_path * i / max(config.layers - 1, 1) for i in range(config.layers)]
+        self.layers = nn.ModuleList(
+            MultiwayLayer(config, depth_rates[i], config.has_vl_expert(i)) for i in range(config.layers)
+        )
+        self.final_norm = nn.ModuleDict({m: nn.LayerNorm(d, eps=config.layernorm_eps) for m in (VISION, TEXT)})
+        self.mlm_head = nn.Linear(d, config.vocab_size)
+        self.mim_head = nn.Linear(d, config.visual_vocab_size)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; call after `to_empty` on a model built on the meta device."""
+        d = self.config.hidden
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Conv2d)):
+                if self.config.init == "beit":
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+                else:
+                    module.reset_parameters()
+        nn.init.normal_(self.text_embed.weight, std=d**-0.5)
+        for tensor in (self.vision_pos_embed, self.text_pos_embed, self.vision_embed.cls_token):
+            nn.init.trunc_normal_(tensor, std=0.02)
+        nn.init.trunc_normal_(self.vision_embed.mask_token, std=0.02)
+        for head in (self.mlm_head, self.mim_head):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        if self.config.init == "magneto":
+            self._scale_for_magneto()
+        else:
+            self._rescale_for_beit()
+
+    def _scale_for_magneto(self) -> None:
+        """Sub-LN init (Magneto): multiply fc1, fc2, out and v projections by sqrt(log(2N))."""
+        gamma = math.sqrt(math.log(2 * self.config.layers))
+        d = self.config.hidden
+        for layer in self.layers:
+            for branch in layer.attn.values():
+                branch.qkv.weight[2 * d :].mul_(gamma)
+                branch.qkv.bias[2 * d :].mul_(gamma)
+                branch.proj.weight.mul_(gamma)
+                branch.proj.bias.mul_(gamma)
+            for expert in layer.ffn.values():
+                for linear in (expert.fc1, expert.fc2):
+                    linear.weight.mul_(gamma)
+                    linear.bias.mul_(gamma)
+
+    def _rescale_for_beit(self) -> None:
+        """BEiT init: each layer's output projections divided by sqrt(2 * layer number)."""
+        for index, layer in enumerate(self.layers):
+            factor = math.sqrt(2.0 * (index + 1))
+            for branch in layer.attn.values():
+                branch.proj.weight.div_(factor)
+            for expert in layer.ffn.values():
+                expert.fc2.weight.div_(factor)
+
+    def _embed_text(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        length = text.shape[1]
+        if length > self.config.max_text_len:
+            raise ValueError(
+                f"text of {length} tokens exceeds the {self.config.max_text_len} that model.text_positions "
+                f"({self.config.text_positions}) serves"
+            )
+        x = self.text_embed(text) + self.text_pos_embed[FIRST_POSITION : FIRST_POSITION + length]
+        if text_padding_mask is not None:
+            x = x.masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
+        return x
+
+    def encode(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> MultiwayOutput:
+        """Run the encoder on an image batch, a text batch, or both as image-text pairs.
+
+        image: [B, C, H, W] float; text: [B, T] ids; text_padding_mask: [B, T] bool, True on pads;
+        image_mask: [B, num_patches] bool, True where the patch is replaced by the mask token.
+        """
+        if image is None and text is None:
+            raise ValueError("encode() needs an image batch, a text batch, or both")
+        segments, modalities = [], []
+        if image is not None:
+            vision = self.vision_embed(image, image_mask)
+            segments.append(vision + self.vision_pos_embed[FIRST_POSITION:].to(vision.dtype))
+            modalities.append(VISION)
+        if text is not None:
+            segments.append(self._embed_text(text, text_padding_mask))
+            modalities.append(TEXT)
+        key_mask = None
+        if text is not None and text_padding_mask is not None:
+            keep = ~text_padding_mask
+            if image is not None:
+                keep = torch.cat([keep.new_ones(keep.shape[0], segments[0].shape[1]), keep], dim=1)
+            key_mask = keep[:, None, None, :]
+        every = self.config.checkpoint_every_n_layers
+        for index, layer in enumerate(self.layers):
+            if every and self.training and index % every == 0:
+                segments = checkpoint(layer, segments, modalities, key_mask, use_reentrant=False)
+            else:
+                segments = layer(segments, modalities, key_mask)
+        outputs = {m: self.final_norm[m](x) for m, x in zip(modalities, segments)}
+        return MultiwayOutput(vision=outputs.get(VISION), text=outputs.get(TEXT))
+
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        text_prediction_mask: torch.Tensor | None = None,
+    ) -> MultiwayOutput:
+        """Encode, then apply the heads only where predictions are asked for.
+
+        MIM logits ([masked patches, visual vocab]) come for the patches in `image_mask`; MLM logits
+        ([chosen tokens, vocab]) for the positions in `text_prediction_mask`, in row-major order.
+        """
+        output = self.encode(image, text, text_padding_mask, image_mask)
+        if image_mask is not None:
+            output.mim_logits = self.mim_head(output.vision[:, 1:][image_mask])
+        if text_prediction_mask is not None:
+            output.mlm_logits = self.mlm_head(output.text[text_prediction_mask])
+        return output

@@ -1,0 +1,43 @@
+"""Installs the repository's top-level folders as subpackages of the single `beit3` namespace."""
+
+from setuptools import setup
+
+SUBPACKAGES = {
+    "beit3": "beit3",
+    "beit3.pretrain": "pretrain",
+    "beit3.tokenizers": "tokenizers",
+    "beit3.data_pipeline": "data_pipeline",
+    "beit3.launch": "launch",
+}
+
+setup(
+    name="beit3-pretrain",
+    version="0.1.0",
+    description="Pretraining system for BEiT-3, the Multiway Transformer trained by masked data modeling",
+    python_requires=">=3.10",
+    packages=list(SUBPACKAGES),
+    package_dir=SUBPACKAGES,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0",
+        "deepspeed>=0.15",
+        "webdataset>=0.2.86",
+        "sentencepiece>=0.2",
+        "boto3",
+        "mlflow>=2.16",
+        "ray[data,default]>=2.30",
+        "pydantic>=2.6",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "tokenizers",
+        ],
+    },
+    entry_points={"console_scripts": ["beit3 = beit3.cli:main"]},
+)
