@@ -36,6 +36,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            "setuptools>=70.1",
             "tokenizers",
         ],
     },

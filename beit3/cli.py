@@ -39,6 +39,13 @@ def model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from beit3.demo import run_demo
+
+    losses = run_demo(steps=args.steps)
+    return 0 if losses[-1] < losses[0] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beit3", description="BEiT-3 pretraining system")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--text-len", type=int, help="tokens per monomodal text sample (default 128)")
     info.add_argument("--caption-len", type=int, help="tokens per caption in an image-text pair (default 64)")
     info.set_defaults(handler=model_info)
+    demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
+    demo_command.add_argument("--steps", type=int, default=30)
+    demo_command.set_defaults(handler=demo)
     return parser
 
 

@@ -1,0 +1,30 @@
+# `make demo` and `make test` create the virtual environment on first use and install everything.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# torchscale 0.3.0 is the reference the parity tests compare against; installed without its pins
+# (timm==0.6.13, fairscale==0.4.0) so that they never reach the project's own environment.
+REFERENCE_PACKAGES := torchscale==0.3.0 fairscale==0.4.13
+
+.PHONY: install test demo benchmarks clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(REFERENCE_PACKAGES)
+	touch $@
+
+test: $(INSTALLED)
+	$(BIN)/pytest -q
+
+demo: $(INSTALLED)
+	$(BIN)/beit3 demo
+
+benchmarks: $(INSTALLED)
+	$(BIN)/python benchmarks/model_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,68 @@
+"""Installation layout: one `beit3` namespace that shadows nothing, and the `beit3` command."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import tokenizers
+
+from conftest import REPO
+
+PACKAGE_FOLDERS = ["beit3", "pretrain", "tokenizers", "data_pipeline", "launch"]
+
+
+def run(arguments, cwd):
+    return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_well_known_tokenizers_package_imports_beside_ours(tmp_path):
+    script = (
+        "import tokenizers, beit3.tokenizers\n"
+        "from tokenizers import Tokenizer, models\n"
+        "Tokenizer(models.BPE())\n"
+        "print(tokenizers.__file__)\n"
+        "print(beit3.tokenizers.__file__)\n"
+    )
+    result = run([sys.executable, "-c", script], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    theirs, ours = result.stdout.split()
+    assert "site-packages" in theirs and Path(ours).parent == REPO / "tokenizers"
+    assert hasattr(tokenizers, "Tokenizer")
+
+
+def test_wheel_installs_only_under_the_beit3_namespace(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    shutil.copy(REPO / "setup.py", source)
+    for folder in PACKAGE_FOLDERS:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    result = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                  "-w", str(tmp_path / "dist"), str(source)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    top_level = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {name for name in top_level if not name.endswith(".dist-info")} == {"beit3"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "beit3/tokenizers/__init__.py" in names and "beit3/pretrain/model.py" in names
+
+
+def test_model_info_command_prints_the_breakdown(tmp_path):
+    beit3 = Path(sys.executable).parent / "beit3"
+    result = run([str(beit3), "model-info", "--config", str(REPO / "configs/model/base.yaml")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "220,987,392" in result.stdout
+    for part in ("attention", "ffn.vision", "ffn.text", "embeddings", "heads.mlm", "heads.mim"):
+        assert part in result.stdout
+    assert "image                  197" in result.stdout and "pair                   261" in result.stdout
+
+
+def test_model_info_rejects_a_bad_config_with_the_field_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "configs/model/tiny.yaml").read_text().replace("heads: 4", "heads: 3"))
+    beit3 = Path(sys.executable).parent / "beit3"
+    result = run([str(beit3), "model-info", "--config", str(bad)], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad.yaml" in result.stderr and "hidden (128) must be divisible by heads (3)" in result.stderr
+    assert "Traceback" not in result.stderr
