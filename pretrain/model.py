@@ -7,6 +7,8 @@ file formats are applied from outside; this module only knows tensors and its `M
 The residual stream is kept as a list of contiguous per-modality segments (image tokens, then text tokens).
 Each sub-block picks its weights per segment once, so no tensor is split and re-joined around every linear
 layer; the only join is the q/k/v concatenation that the joint softmax over the whole sequence needs.
+Padded text is carried unpadded (only real tokens, [tokens, hidden]) through every per-token operation and
+laid back on the padded grid only for attention, so pads cost no projection or FFN work.
 """
 
 import math
@@ -30,12 +32,37 @@ FIRST_POSITION = 2
 
 @dataclass
 class MultiwayOutput:
-    """Final hidden states per modality, and head logits at the requested masked positions."""
+    """Final hidden states per modality (zeros at text pads), and head logits at the requested positions."""
 
     vision: torch.Tensor | None
     text: torch.Tensor | None
     mim_logits: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
+
+
+@dataclass
+class TextPacking:
+    """Where the real tokens of a padded [batch, length] text batch sit, to drop pads from per-token work."""
+
+    index: torch.Tensor
+    sample: torch.Tensor
+    batch: int
+    length: int
+
+    @classmethod
+    def from_padding_mask(cls, text_padding_mask: torch.Tensor) -> "TextPacking":
+        batch, length = text_padding_mask.shape
+        index = (~text_padding_mask).flatten().nonzero().squeeze(1)
+        return cls(index=index, sample=index // length, batch=batch, length=length)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[batch, length, features] -> [real tokens, features]."""
+        return padded.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[real tokens, features] -> [batch, length, features], zeros at pads."""
+        grid = packed.new_zeros(self.batch * self.length, packed.shape[-1])
+        return grid.index_copy(0, self.index, packed).view(self.batch, self.length, -1)
 
 
 def drop_path_scale(batch: int, rate: float, reference: torch.Tensor) -> torch.Tensor | None:
@@ -96,31 +123,44 @@ class MultiwayLayer(nn.Module):
     def expert(self, modality: str, is_pair: bool) -> FeedForwardExpert:
         return self.ffn[VISION_LANGUAGE if is_pair and self.has_vl_expert else modality]
 
-    def _attend(self, segments: list[torch.Tensor], modalities: list[str], key_mask: torch.Tensor | None):
+    def _attend(
+        self, segments: list[torch.Tensor], modalities: list[str], key_mask: torch.Tensor | None,
+        packing: TextPacking | None,
+    ) -> list[torch.Tensor]:
         branches = [self.attention_branch(m) for m in modalities]
         qkv_parts = [branch.qkv(branch.norm(x)) for branch, x in zip(branches, segments)]
+        if packing is not None:
+            qkv_parts[-1] = packing.unpack(qkv_parts[-1])
         qkv = qkv_parts[0] if len(qkv_parts) == 1 else torch.cat(qkv_parts, dim=1)
         batch, length, _ = qkv.shape
         q, k, v = qkv.view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        attended = attended.transpose(1, 2).reshape(batch, length, -1)
-        lengths = [x.shape[1] for x in segments]
-        return [branch.proj(branch.inner_norm(part)) for branch, part in zip(branches, attended.split(lengths, 1))]
+        parts = list(attended.transpose(1, 2).reshape(batch, length, -1).split([p.shape[1] for p in qkv_parts], 1))
+        if packing is not None:
+            parts[-1] = packing.pack(parts[-1])
+        return [branch.proj(branch.inner_norm(part)) for branch, part in zip(branches, parts)]
 
     def forward(
-        self, segments: list[torch.Tensor], modalities: list[str], key_mask: torch.Tensor | None
+        self, segments: list[torch.Tensor], modalities: list[str], key_mask: torch.Tensor | None,
+        packing: TextPacking | None = None,
     ) -> list[torch.Tensor]:
         is_pair = len(segments) > 1
         rate = self.drop_path_rate if self.training else 0.0
-        scale = drop_path_scale(segments[0].shape[0], rate, segments[0])
-        attended = self._attend(segments, modalities, key_mask)
-        segments = [x + (a if scale is None else a * scale) for x, a in zip(segments, attended)]
-        scale = drop_path_scale(segments[0].shape[0], rate, segments[0])
-        outputs = []
-        for x, modality in zip(segments, modalities):
-            y = self.expert(modality, is_pair)(x)
-            outputs.append(x + (y if scale is None else y * scale))
-        return outputs
+        batch = packing.batch if packing is not None else segments[0].shape[0]
+
+        def scaled(branch_outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            scale = drop_path_scale(batch, rate, segments[0])
+            if scale is None:
+                return branch_outputs
+            per_segment = [scale] * len(segments)
+            if packing is not None:
+                per_segment[-1] = scale.view(batch, 1)[packing.sample]
+            return [y * s for y, s in zip(branch_outputs, per_segment)]
+
+        attended = scaled(self._attend(segments, modalities, key_mask, packing))
+        segments = [x + a for x, a in zip(segments, attended)]
+        transformed = scaled([self.expert(m, is_pair)(x) for x, m in zip(segments, modalities)])
+        return [x + y for x, y in zip(segments, transformed)]
 
 
 class VisionEmbedding(nn.Module):
@@ -214,17 +254,14 @@ class MultiwayTransformer(nn.Module):
             for expert in layer.ffn.values():
                 expert.fc2.weight.div_(factor)
 
-    def _embed_text(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def _embed_text(self, text: torch.Tensor) -> torch.Tensor:
         length = text.shape[1]
         if length > self.config.max_text_len:
             raise ValueError(
                 f"text of {length} tokens exceeds the {self.config.max_text_len} that model.text_positions "
                 f"({self.config.text_positions}) serves"
             )
-        x = self.text_embed(text) + self.text_pos_embed[FIRST_POSITION : FIRST_POSITION + length]
-        if text_padding_mask is not None:
-            x = x.masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
-        return x
+        return self.text_embed(text) + self.text_pos_embed[FIRST_POSITION : FIRST_POSITION + length]
 
     def encode(
         self,
@@ -246,21 +283,25 @@ class MultiwayTransformer(nn.Module):
             segments.append(vision + self.vision_pos_embed[FIRST_POSITION:].to(vision.dtype))
             modalities.append(VISION)
         if text is not None:
-            segments.append(self._embed_text(text, text_padding_mask))
+            segments.append(self._embed_text(text))
             modalities.append(TEXT)
-        key_mask = None
-        if text is not None and text_padding_mask is not None:
+        key_mask, packing = None, None
+        if text is not None and text_padding_mask is not None and text_padding_mask.any():
             keep = ~text_padding_mask
             if image is not None:
                 keep = torch.cat([keep.new_ones(keep.shape[0], segments[0].shape[1]), keep], dim=1)
             key_mask = keep[:, None, None, :]
+            packing = TextPacking.from_padding_mask(text_padding_mask)
+            segments[-1] = packing.pack(segments[-1])
         every = self.config.checkpoint_every_n_layers
         for index, layer in enumerate(self.layers):
             if every and self.training and index % every == 0:
-                segments = checkpoint(layer, segments, modalities, key_mask, use_reentrant=False)
+                segments = checkpoint(layer, segments, modalities, key_mask, packing, use_reentrant=False)
             else:
-                segments = layer(segments, modalities, key_mask)
+                segments = layer(segments, modalities, key_mask, packing)
         outputs = {m: self.final_norm[m](x) for m, x in zip(modalities, segments)}
+        if packing is not None:
+            outputs[TEXT] = packing.unpack(outputs[TEXT])
         return MultiwayOutput(vision=outputs.get(VISION), text=outputs.get(TEXT))
 
     def forward(

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from beit3.pretrain.model import MultiwayTransformer, drop_path_scale
+from beit3.pretrain.model import MultiwayTransformer, TextPacking, drop_path_scale
 from beit3.pretrain.model_stats import build_on_meta
 
 from conftest import model_config
@@ -215,3 +215,23 @@ def test_bad_inputs_get_clear_errors():
         model.encode(image=torch.zeros(1, 3, 96, 96))
     with pytest.raises(ValueError, match="exceeds the 1022"):
         model.encode(text=torch.zeros(1, 1023, dtype=torch.long))
+
+
+def test_text_packing_round_trips_and_keeps_only_real_tokens():
+    padding = torch.tensor([[False, False, True], [False, True, True]])
+    packing = TextPacking.from_padding_mask(padding)
+    grid = torch.arange(6.0).view(2, 3, 1)
+    packed = packing.pack(grid)
+    assert packed.flatten().tolist() == [0.0, 1.0, 3.0] and packing.sample.tolist() == [0, 0, 1]
+    assert packing.unpack(packed).flatten().tolist() == [0.0, 1.0, 0.0, 3.0, 0.0, 0.0]
+
+
+def test_pads_cost_no_per_token_work():
+    """The FFN sees only the real text tokens: pads are dropped before every per-token operation."""
+    config = tiny()
+    model = build(config)
+    _, text, padding = inputs(config)
+    seen = []
+    model.layers[0].ffn["text"].fc1.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    model.encode(text=text, text_padding_mask=padding)
+    assert seen == [torch.Size([int((~padding).sum()), config.hidden])]
