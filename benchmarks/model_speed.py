@@ -12,7 +12,6 @@ step), each model and input kind in a fresh process.
 """
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -185,9 +184,9 @@ def main(argv=None):
     ours, reference = make_models(config, args.device, with_reference=compare)
     inputs = make_inputs(config, args)
     print(f"model_speed: {config.name} width ({config.hidden}/{config.ffn_hidden}/{config.heads} heads, "
-          f"{config.attention} attention), {config.layers} layers, batch {args.batch} per kind, text {args.text_len} / caption "
-          f"{args.caption_len} slots, {args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+          f"{config.attention} attention), {config.layers} layers, batch {args.batch} per kind, "
+          f"text/caption slots {args.text_len}/{args.caption_len}, {args.device} {args.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     active = active_parameters_per_token(config)
     lengths = {"image": config.image_tokens, "text": args.text_len, "pair": config.image_tokens + args.caption_len}
     header = f"{'input':<7}{'ours ms':>10}"
@@ -215,7 +214,8 @@ def main(argv=None):
             if args.device == "cpu":
                 growth = [peak_resident_growth(which, kind, argv) / 2**20 for which in ("ours", "torchscale")]
                 rss = f"{growth[0]:>10.0f}/{growth[1]:<9.0f}"
-            row += f"{theirs_time * 1e3:>15.1f}{theirs_time / ours_time:>8.2f}x{saved[0]:>11.0f}/{saved[1]:<8.0f}{rss:>22}"
+            row += f"{theirs_time * 1e3:>15.1f}{theirs_time / ours_time:>8.2f}x"
+            row += f"{saved[0]:>11.0f}/{saved[1]:<8.0f}{rss:>22}"
         if args.peak_tflops:
             flops = args.batch * training_flops_per_sample(config, lengths[kind], active)
             achieved = flops / ours_time / 1e12

@@ -69,7 +69,8 @@ def test_decoupled_checkpoint_cannot_load_into_shared_attention():
 def test_shape_mismatch_names_the_tensor():
     config = tiny()
     released, _ = to_released(MultiwayTransformer(config).state_dict(), config)
-    with pytest.raises(ReleasedFormatError, match=r"vision_pos_embed: checkpoint shape \(52, 128\) does not fit .*embed_positions.A.weight"):
+    expected = r"vision_pos_embed: checkpoint shape \(52, 128\) does not fit .*embed_positions.A.weight"
+    with pytest.raises(ReleasedFormatError, match=expected):
         from_released(released, model_config("tiny", hidden=64))
 
 
