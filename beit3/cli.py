@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from beit3.config import ConfigError, load_config
+from beit3.config import load_config
 
 
 def _format_count(count: int) -> str:
@@ -39,6 +39,43 @@ def model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokenizer_train_text(args: argparse.Namespace) -> int:
+    from beit3.tokenizers.text_training import train_text_tokenizer
+
+    tokenizer = train_text_tokenizer(args.input, args.output, args.vocab_size, text_field=args.text_field,
+                                     model_type=args.model_type, max_sentences=args.max_sentences)
+    print(f"wrote {tokenizer.model_path}: {tokenizer.processor.GetPieceSize():,} pieces, vocabulary "
+          f"{tokenizer.vocab_size:,} in the XLM-R layout (<mask> = {tokenizer.mask_id})")
+    return 0
+
+
+def tokenizer_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from beit3.tokenizers.inspect_codes import survey_folder
+    from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
+
+    if args.checkpoint:
+        config = VisualTokenizerConfig(kind="vqkd", checkpoint=args.checkpoint)
+    else:
+        config = VisualTokenizerConfig(kind="random", seed=args.random_seed, patch_size=args.patch_size)
+    tokenizer, report = build_visual_tokenizer(config)
+    grid = tokenizer.grid(args.image_size)
+    print(f"visual tokenizer: {config.kind}" + (f" from {config.checkpoint}" if config.checkpoint else
+                                                f" (seed {config.seed})"))
+    if report is not None:
+        print(f"  checkpoint keys not needed by the encoder, ignored: {report.summary()}")
+    print(f"  codebook size {tokenizer.codebook_size}, patch {tokenizer.patch_size}, "
+          f"grid {grid}x{grid} at {args.image_size} pixels")
+    if args.images:
+        usage, skipped = survey_folder(tokenizer, Path(args.images), args.image_size, args.batch_size)
+        print(f"  over {args.images}: {usage['codes_seen']:,} codes, {usage['distinct']:,} distinct "
+              f"({usage['share']:.1%} of the codebook), perplexity {usage['perplexity']:.1f}")
+        if skipped:
+            print("  skipped: " + ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items())))
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from beit3.demo import run_demo
 
@@ -54,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--text-len", type=int, help="tokens per monomodal text sample (default 128)")
     info.add_argument("--caption-len", type=int, help="tokens per caption in an image-text pair (default 64)")
     info.set_defaults(handler=model_info)
+    tokenizer = commands.add_parser("tokenizer", help="text and visual tokenizers")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    train = tokenizer_commands.add_parser("train-text", help="train a SentencePiece model in the XLM-R layout")
+    train.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files, optionally .gz or .zst")
+    train.add_argument("--output", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--vocab-size", type=int, required=True, help="SentencePiece pieces (released: 64000)")
+    train.add_argument("--text-field", default="text", help="the text field of .jsonl records")
+    train.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    train.add_argument("--max-sentences", type=int, default=10_000_000,
+                       help="lines kept in memory for training (a uniform sample of a larger corpus)")
+    train.set_defaults(handler=tokenizer_train_text)
+    info_visual = tokenizer_commands.add_parser("info", help="codebook size, grid and usage of a visual tokenizer")
+    source = info_visual.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="an official VQ-KD checkpoint")
+    source.add_argument("--random-seed", type=int, default=0, help="a seeded random-projection tokenizer")
+    info_visual.add_argument("--patch-size", type=int, default=16, help="patch of the random tokenizer")
+    info_visual.add_argument("--images", help="a folder of images to measure codebook usage over")
+    info_visual.add_argument("--image-size", type=int, default=224)
+    info_visual.add_argument("--batch-size", type=int, default=32)
+    info_visual.set_defaults(handler=tokenizer_info)
     demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
     demo_command.add_argument("--steps", type=int, default=30)
     demo_command.set_defaults(handler=demo)
@@ -64,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
+    except (ValueError, FileNotFoundError) as error:  # config, tokenizer-file and input errors say what is wrong
         print(f"beit3 {args.command}: {error}", file=sys.stderr)
         return 2
 

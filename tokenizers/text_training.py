@@ -1,0 +1,86 @@
+"""Training a SentencePiece model in the XLM-R id layout from a corpus streamed off disk.
+
+SentencePiece reads the corpus through an iterator and keeps at most `max_sentences` of it (a uniform
+sample when the corpus is larger), so memory stays flat however large the corpus grows.
+"""
+
+import gzip
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece
+
+from .text import TextTokenizer
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    """Open .txt/.jsonl files, plain, gzip or zstandard compressed, decoding invalid UTF-8 as U+FFFD."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if path.suffix == ".zst":
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), encoding="utf-8",
+                                errors="replace")
+    return path.open("r", encoding="utf-8", errors="replace")
+
+
+def iter_corpus_lines(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Non-empty lines of text from plain-text files (a line each) and JSON-lines files (the text field)."""
+    for path in map(Path, paths):
+        is_jsonl = ".jsonl" in path.suffixes
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if is_jsonl:
+                    try:
+                        text = json.loads(line).get(text_field) if line.strip() else None
+                    except (json.JSONDecodeError, AttributeError):
+                        raise ValueError(f"{path}:{number}: not a JSON object") from None
+                    lines = str(text).splitlines() if text else []
+                else:
+                    lines = [line]
+                for text_line in lines:
+                    text_line = text_line.replace("\x00", "").strip()
+                    if text_line:
+                        yield text_line
+
+
+def train_text_tokenizer(
+    inputs: list[str | Path],
+    output_prefix: str | Path,
+    vocab_size: int,
+    text_field: str = "text",
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    max_sentences: int = 10_000_000,
+    num_threads: int = 0,
+) -> TextTokenizer:
+    """Train `<output_prefix>.model` with `vocab_size` pieces; returns it loaded in the XLM-R layout.
+
+    Special pieces follow XLM-R's SentencePiece model (unk 0, bos 1, eos 2, no pad), so the tokenizer's
+    vocabulary is `vocab_size + 2` (pad and mask are added by the id layout).
+    """
+    missing = [str(path) for path in inputs if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"corpus files not found: {', '.join(missing)}")
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    threads = {"num_threads": num_threads} if num_threads else {}
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter_corpus_lines(inputs, text_field),
+        model_prefix=str(output_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=1,
+        **threads,
+    )
+    return TextTokenizer(f"{output_prefix}.model")
