@@ -25,6 +25,8 @@ demo: $(INSTALLED)
 
 benchmarks: $(INSTALLED)
 	$(BIN)/python benchmarks/model_speed.py
+	$(BIN)/python benchmarks/tokenizer_speed.py
+	$(BIN)/python benchmarks/masking_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

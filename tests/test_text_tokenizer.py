@@ -141,7 +141,7 @@ def test_model_with_another_special_layout_is_refused(tmp_path):
     corpus.write_text("\n".join(CORPUS * 20), encoding="utf-8")
     sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "other"),
                                              vocab_size=150, pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
-    with pytest.raises(TokenizerFileError, match="needs <unk> at SentencePiece id 0"):
+    with pytest.raises(TokenizerFileError, match="needs <unk>, <s>, </s> at SentencePiece ids 0, 1, 2"):
         TextTokenizer(tmp_path / "other.model")
 
 

@@ -8,9 +8,9 @@ Ids: `<s>` = 0 (bos/cls), `<pad>` = 1, `</s>` = 2 (eos), `<unk>` = 3, every othe
 import os
 from pathlib import Path
 
-import numpy as np
 import sentencepiece
 import torch
+from sentencepiece import sentencepiece_model_pb2
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIAL_IDS = (BOS, PAD, EOS, UNK)
@@ -40,12 +40,36 @@ def load_sentencepiece(path: str | Path) -> sentencepiece.SentencePieceProcessor
         ) from None
     if processor.GetPieceSize() < 4:
         raise TokenizerFileError(f"{path}: SentencePiece model has only {processor.GetPieceSize()} pieces")
-    if processor.unk_id() != 0:
+    specials = (processor.unk_id(), processor.bos_id(), processor.eos_id())
+    if specials != (0, 1, 2):
         raise TokenizerFileError(
-            f"{path}: the XLM-R id layout needs <unk> at SentencePiece id 0 (this model has it at "
-            f"{processor.unk_id()}); train with unk_id=0, bos_id=1, eos_id=2, pad_id=-1"
+            f"{path}: the XLM-R id layout needs <unk>, <s>, </s> at SentencePiece ids 0, 1, 2 (this model has "
+            f"them at {', '.join(map(str, specials))}); train with unk_id=0, bos_id=1, eos_id=2, pad_id=-1"
         )
     return processor
+
+
+def xlmr_layout_processor(processor: sentencepiece.SentencePieceProcessor) -> sentencepiece.SentencePieceProcessor:
+    """The same model with its pieces renumbered so that SentencePiece itself emits XLM-R ids.
+
+    The three special pieces at 0-2 are replaced by `<s>`, `<pad>`, `</s>`, `<unk>` at 0-3, which moves every
+    regular piece up by one; segmentation is unchanged. Encoding then runs entirely in SentencePiece's threads.
+    """
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(processor.serialized_model_proto())
+    regular = list(model.pieces[3:])
+    del model.pieces[:]
+    kind = sentencepiece_model_pb2.ModelProto.SentencePiece
+    for piece, piece_type in (("<s>", kind.CONTROL), ("<pad>", kind.CONTROL), ("</s>", kind.CONTROL),
+                              ("<unk>", kind.UNKNOWN)):
+        model.pieces.add(piece=piece, score=0.0, type=piece_type)
+    model.pieces.extend(regular)
+    spec = model.trainer_spec
+    spec.bos_id, spec.pad_id, spec.eos_id, spec.unk_id = BOS, PAD, EOS, UNK
+    spec.bos_piece, spec.pad_piece, spec.eos_piece, spec.unk_piece = "<s>", "<pad>", "</s>", "<unk>"
+    renumbered = sentencepiece.SentencePieceProcessor()
+    renumbered.LoadFromSerializedProto(model.SerializeToString())
+    return renumbered
 
 
 class TextTokenizer:
@@ -54,16 +78,11 @@ class TextTokenizer:
     def __init__(self, model_path: str | Path, num_threads: int | None = None):
         self.model_path = Path(model_path)
         self.processor = load_sentencepiece(self.model_path)
+        self.layout = xlmr_layout_processor(self.processor)
         self.num_threads = num_threads or os.cpu_count() or 1
         pieces = self.processor.GetPieceSize()
         self.mask_id = pieces + PIECE_OFFSET
         self.vocab_size = pieces + PIECE_OFFSET + 1
-
-    def _to_layout(self, piece_ids: np.ndarray) -> np.ndarray:
-        """SentencePiece ids -> XLM-R ids: shift by one, with SentencePiece's unknown mapped to `<unk>`."""
-        shifted = piece_ids + PIECE_OFFSET
-        shifted[piece_ids == 0] = UNK
-        return shifted
 
     def encode(self, text: str, max_len: int | None = None) -> list[int]:
         """One text to `[bos] + ids + [eos]`, truncated so that the whole is at most `max_len` ids."""
@@ -71,14 +90,14 @@ class TextTokenizer:
 
     def encode_batch(self, texts: list[str], max_len: int | None = None) -> list[list[int]]:
         """Many texts at once, encoded in parallel by SentencePiece."""
-        encoded = self.processor.Encode(list(texts), num_threads=self.num_threads)
-        keep = None if max_len is None else max_len - 2
-        if keep is not None and keep < 0:
+        if max_len is not None and max_len < 2:
             raise ValueError(f"max_len must leave room for bos and eos (got {max_len})")
-        sequences = []
-        for piece_ids in encoded:
-            body = self._to_layout(np.asarray(piece_ids[:keep], dtype=np.int64))
-            sequences.append([BOS, *body.tolist(), EOS])
+        sequences = self.layout.Encode(list(texts), add_bos=True, add_eos=True, num_threads=self.num_threads)
+        if max_len is not None and sequences and max(map(len, sequences)) > max_len:
+            for sequence in sequences:
+                if len(sequence) > max_len:
+                    del sequence[max_len - 1 :]
+                    sequence.append(EOS)
         return sequences
 
     def pad(self, sequences: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,5 +111,4 @@ class TextTokenizer:
         return ids, ids == PAD
 
     def decode(self, ids: list[int]) -> str:
-        pieces = [i - PIECE_OFFSET for i in ids if i not in SPECIAL_IDS and i != self.mask_id]
-        return self.processor.Decode(pieces)
+        return self.layout.Decode([i for i in ids if i not in SPECIAL_IDS and i != self.mask_id])
