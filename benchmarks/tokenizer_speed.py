@@ -39,13 +39,10 @@ def installation_text(max_lines: int) -> list[str]:
     return lines
 
 
-def best_of(repeats: int, work) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def text_benchmark(args) -> None:
@@ -59,13 +56,14 @@ def text_benchmark(args) -> None:
     token_count = sum(len(ids) for ids in bare.Encode(lines, num_threads=threads))
     timings = {"bare": [], "ours": []}
     for _ in range(args.repeats):
-        timings["bare"].append(best_of(1, lambda: bare.Encode(lines, num_threads=threads)))
-        timings["ours"].append(best_of(1, lambda: tokenizer.encode_batch(lines, max_len=args.max_len)))
+        timings["bare"].append(timed(lambda: bare.Encode(lines, num_threads=threads)))
+        timings["ours"].append(timed(lambda: tokenizer.encode_batch(lines, max_len=args.max_len)))
     bare_time, ours_time = statistics.median(timings["bare"]), statistics.median(timings["ours"])
     print(f"text: {len(lines):,} lines, {token_count:,} pieces, vocab {args.vocab_size}, {threads} threads, "
           f"median of {args.repeats}")
     print(f"  bare sentencepiece  {token_count / bare_time / 1e6:8.2f} M tokens/s")
-    print(f"  ours (XLM-R ids)    {token_count / ours_time / 1e6:8.2f} M tokens/s   {bare_time / ours_time:.2f}x of bare")
+    print(f"  ours (XLM-R ids)    {token_count / ours_time / 1e6:8.2f} M tokens/s   "
+          f"{bare_time / ours_time:.2f}x of bare")
 
 
 def visual_benchmark(args) -> None:
@@ -81,7 +79,7 @@ def visual_benchmark(args) -> None:
             torch.cuda.synchronize()
 
     encode()
-    seconds = best_of(args.visual_repeats, encode)
+    seconds = statistics.median(timed(encode) for _ in range(args.visual_repeats))
     rate = args.batch / seconds
     line = (f"visual: VQ-KD ViT-B/16 encode, batch {args.batch}, {args.device} {args.dtype}, "
             f"{torch.get_num_threads()} threads: {rate:.1f} images/s ({rate * VQKD_GFLOPS_PER_IMAGE:.0f} GFLOP/s)")

@@ -6,6 +6,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import tokenizers
 
 from conftest import REPO
@@ -17,15 +18,18 @@ def run(arguments, cwd):
     return subprocess.run(arguments, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_well_known_tokenizers_package_imports_beside_ours(tmp_path):
+@pytest.mark.parametrize("where", ["elsewhere", "checkout root"])
+def test_well_known_tokenizers_package_imports_beside_ours(tmp_path, where):
+    """Also from the checkout root, where `python -c` puts our `tokenizers/` folder first on the path."""
     script = (
         "import tokenizers, beit3.tokenizers\n"
         "from tokenizers import Tokenizer, models\n"
         "Tokenizer(models.BPE())\n"
+        "from transformers import XLMRobertaTokenizer\n"
         "print(tokenizers.__file__)\n"
         "print(beit3.tokenizers.__file__)\n"
     )
-    result = run([sys.executable, "-c", script], cwd=tmp_path)
+    result = run([sys.executable, "-c", script], cwd=tmp_path if where == "elsewhere" else REPO)
     assert result.returncode == 0, result.stderr
     theirs, ours = result.stdout.split()
     assert "site-packages" in theirs and Path(ours).parent == REPO / "tokenizers"

@@ -60,7 +60,8 @@ def test_official_checkpoint_loads_strictly_and_reports_what_it_ignored(tmp_path
     assert "decoder: 1" in report.summary()
     names = set(state)
     for expected in ("encoder.cls_token", "encoder.pos_embed", "encoder.patch_embed.proj.weight",
-                     "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.v_bias", "encoder.blocks.0.attn.qkv.weight",
+                     "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.v_bias",
+                     "encoder.blocks.0.attn.qkv.weight",
                      "encoder.blocks.0.attn.proj.bias", "encoder.blocks.0.mlp.fc2.weight", "encoder.fc_norm.weight",
                      "encode_task_layer.0.weight", "encode_task_layer.2.bias", "quantize.embedding.weight"):
         assert expected in names

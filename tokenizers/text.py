@@ -16,6 +16,8 @@ BOS, PAD, EOS, UNK = 0, 1, 2, 3
 SPECIAL_IDS = (BOS, PAD, EOS, UNK)
 PIECE_OFFSET = 1
 """XLM-R (fairseq) shifts SentencePiece ids by one to make room for `<pad>` at 1."""
+RELEASED_MASK_ID = 64_000 + PIECE_OFFSET
+"""`<mask>` of the released 64,000-piece `beit3.spm`."""
 
 
 class TokenizerFileError(ValueError):
