@@ -145,6 +145,16 @@ def test_model_with_another_special_layout_is_refused(tmp_path):
         TextTokenizer(tmp_path / "other.model")
 
 
+def test_impossible_vocabulary_is_a_clear_error(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("just a few words\n", encoding="utf-8")
+    beit3 = Path(sys.executable).parent / "beit3"
+    result = subprocess.run([str(beit3), "tokenizer", "train-text", "--input", str(corpus), "--output",
+                             str(tmp_path / "x"), "--vocab-size", "5000"], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tiny.txt failed" in result.stderr and "Vocabulary size too high" in result.stderr
+
+
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
         train_text_tokenizer([tmp_path / "nowhere.txt"], tmp_path / "x", vocab_size=50)

@@ -67,8 +67,7 @@ def train_text_tokenizer(
         raise FileNotFoundError(f"corpus files not found: {', '.join(missing)}")
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    threads = {"num_threads": num_threads} if num_threads else {}
-    sentencepiece.SentencePieceTrainer.train(
+    options = dict(
         sentence_iterator=iter_corpus_lines(inputs, text_field),
         model_prefix=str(output_prefix),
         vocab_size=vocab_size,
@@ -81,6 +80,12 @@ def train_text_tokenizer(
         eos_id=2,
         pad_id=-1,
         minloglevel=1,
-        **threads,
     )
+    if num_threads:
+        options["num_threads"] = num_threads
+    try:
+        sentencepiece.SentencePieceTrainer.train(**options)
+    except RuntimeError as error:  # SentencePiece reports bad settings (e.g. too many pieces) this way
+        message = str(error).split("] ", 1)[-1]
+        raise ValueError(f"SentencePiece training on {', '.join(map(str, inputs))} failed: {message}") from None
     return TextTokenizer(f"{output_prefix}.model")
