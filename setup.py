@@ -43,6 +43,7 @@ setup(
             "setuptools>=70.1",
             "tokenizers",
             "transformers>=4.40",
+            "moto[server]>=5",
         ],
     },
     entry_points={"console_scripts": ["beit3 = beit3.cli:main"]},

@@ -1,11 +1,14 @@
 """Shared fixtures: repository paths and small model configs."""
 
+import uuid
 from pathlib import Path
 
+import boto3
 import pytest
 
 from beit3.config import load_config
 from beit3.pretrain.model_config import ModelConfig
+from s3_endpoint import moto_endpoint, point_boto3_at
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO / "configs" / "model"
@@ -21,3 +24,18 @@ def model_config(name: str, **overrides) -> ModelConfig:
 def small_decoupled() -> ModelConfig:
     """The released (decoupled) layout at a size that runs in milliseconds."""
     return model_config("base", layers=3, hidden=64, ffn_hidden=128, heads=4, image_size=64, drop_path=0.0)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint_url():
+    with moto_endpoint() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch, s3_endpoint_url) -> str:
+    """A fresh bucket on the loopback S3 endpoint, with boto3 pointed at it through the AWS environment."""
+    point_boto3_at(monkeypatch, s3_endpoint_url)
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
