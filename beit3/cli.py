@@ -76,6 +76,17 @@ def tokenizer_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_build(args: argparse.Namespace) -> int:
+    from beit3.data_pipeline.config import DataConfig
+    from beit3.data_pipeline.job import build, summary_table
+
+    config = load_config(DataConfig, args.config)
+    result = build(config, ray_address=args.ray_address, progress=not args.quiet)
+    print(summary_table(result))
+    print(f"manifest: {config.output.rstrip('/')}/manifest.json")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from beit3.demo import run_demo
 
@@ -91,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--text-len", type=int, help="tokens per monomodal text sample (default 128)")
     info.add_argument("--caption-len", type=int, help="tokens per caption in an image-text pair (default 64)")
     info.set_defaults(handler=model_info)
+    data = commands.add_parser("data", help="the data pipeline")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    data_build_command = data_commands.add_parser("build", help="raw corpora to shards and a manifest, with Ray")
+    data_build_command.add_argument("--config", required=True, help="a data YAML, e.g. configs/data/paper.yaml")
+    data_build_command.add_argument("--ray-address", help="join this Ray cluster (default: the config's, or local)")
+    data_build_command.add_argument("--quiet", action="store_true", help="no progress bars")
+    data_build_command.set_defaults(handler=data_build)
     tokenizer = commands.add_parser("tokenizer", help="text and visual tokenizers")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_commands.add_parser("train-text", help="train a SentencePiece model in the XLM-R layout")

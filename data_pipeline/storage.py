@@ -9,6 +9,7 @@ environment variables or config files (`AWS_ENDPOINT_URL` or `endpoint_url` for 
 Transient failures are retried with backoff by botocore's standard retry mode.
 """
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -131,8 +132,9 @@ class S3Storage:
         return f"s3://{self.bucket}/{self._key(name)}"
 
 
+@functools.lru_cache(maxsize=64)
 def open_storage(url: str | Path) -> Storage:
-    """`s3://bucket/prefix` or a local folder."""
+    """`s3://bucket/prefix` or a local folder (one instance per URL and process: S3 clients are costly)."""
     text = str(url)
     if text.startswith("s3://"):
         bucket, _, prefix = text[len("s3://") :].partition("/")

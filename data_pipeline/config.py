@@ -1,0 +1,76 @@
+"""The typed schema of a data build (see configs/data/*.yaml)."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from beit3.tokenizers.visual import VisualTokenizerConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+SOURCE_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Letters, digits, - and _: it starts sample keys.")
+
+
+class ImageNetSource(_Strict):
+    """ImageNet as distributed: a folder of class folders (`n01440764/*.JPEG`) or of per-class tars."""
+
+    kind: Literal["imagenet"]
+    name: str = SOURCE_NAME
+    path: str = Field(description="Local folder or s3:// prefix.")
+
+
+class TextSource(_Strict):
+    """Text corpora: `.txt` (a document per line, or per blank-line-separated paragraph) and `.jsonl`."""
+
+    kind: Literal["text"]
+    name: str = SOURCE_NAME
+    paths: list[str] = Field(min_length=1, description="Files or folders, local or s3://; .gz and .zst allowed.")
+    text_field: str = "text"
+    documents: Literal["line", "paragraph"] = "line"
+
+
+Source = Annotated[ImageNetSource | TextSource, Field(discriminator="kind")]
+
+
+class ImageSettings(_Strict):
+    shorter_side: int = Field(256, gt=0, description="Stored images are downscaled to this shorter side.")
+    views_per_image: int = Field(1, gt=0, description="Crop-and-flip views with precomputed codes per image.")
+    tokenizer_view_size: int = Field(224, gt=0, description="224 for 16-pixel-patch models, 256 for the giant.")
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_probability: float = Field(0.5, ge=0, le=1)
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    max_pixels: int = Field(64_000_000, gt=0, description="Larger images are skipped as decompression bombs.")
+
+
+class RaySettings(_Strict):
+    address: str | None = Field(None, description="Join this cluster; none starts a local one.")
+    tokenizer_actors: int = Field(1, gt=0, description="Actors computing visual codes.")
+    gpus_per_tokenizer_actor: float | None = Field(None, ge=0, description="None: 1 when GPUs exist, else 0.")
+
+
+class DataConfig(_Strict):
+    name: str
+    output: str = Field(description="Local folder or s3:// prefix for the shards and the manifest.")
+    seed: int = 0
+    samples_per_shard: int = Field(1000, gt=0)
+    sources: list[Source] = Field(min_length=1)
+    image: ImageSettings = ImageSettings()
+    visual_tokenizer: VisualTokenizerConfig | None = Field(
+        VisualTokenizerConfig(kind="random"), description="None stores no codes (the trainer tokenizes on the fly)."
+    )
+    text_tokenizer: str | None = Field(None, description="SentencePiece model; required by text sources.")
+    text_len: int = Field(128, gt=2)
+    ray: RaySettings = RaySettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if any(isinstance(s, TextSource) for s in self.sources) and not self.text_tokenizer:
+            raise ValueError("text sources need text_tokenizer (a SentencePiece model)")
+        return self

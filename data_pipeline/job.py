@@ -1,0 +1,129 @@
+"""`beit3 data build`: the Ray Data job that turns the configured sources into shards and a manifest.
+
+One row per shard flows through the stages: prepare (read, validate, resize, choose views; tokenize and pack
+text) -> visual codes (an actor pool, one GPU per actor when the cluster has GPUs) -> write (tar to storage).
+The driver adds each written shard to the manifest as it arrives. Shards already in the manifest are skipped,
+so a re-run after an interruption finishes the job with the same result as an uninterrupted run.
+"""
+
+import json
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from tqdm import tqdm
+
+from beit3.tokenizers.visual import build_visual_tokenizer
+
+from .config import DataConfig
+from .manifest import Manifest, load_or_start
+from .processing import add_codes, finish_shard, prepare_images, prepare_text
+from .sources import plan_shards
+from .storage import open_storage
+
+
+def _prepare(row: dict, config_json: str) -> dict:
+    config = DataConfig.model_validate_json(config_json)
+    plan = pickle.loads(row["plan"])
+    work = prepare_images(plan, config) if plan.kind == "image" else prepare_text(plan, config)
+    return {"work": pickle.dumps(work)}
+
+
+class _VisualCodes:
+    """An actor holding one visual tokenizer, on the GPU Ray gave it or on the CPU."""
+
+    def __init__(self, config_json: str):
+        config = DataConfig.model_validate_json(config_json)
+        self.tokenizer, _ = build_visual_tokenizer(config.visual_tokenizer)
+        if torch.cuda.is_available():
+            self.tokenizer = self.tokenizer.cuda()
+
+    def __call__(self, row: dict) -> dict:
+        return {"work": pickle.dumps(add_codes(pickle.loads(row["work"]), self.tokenizer))}
+
+
+def _write(row: dict, output: str) -> dict:
+    work = pickle.loads(row["work"])
+    data, record = finish_shard(work)
+    open_storage(output).write_atomic(record.name, data)
+
+    def by_source(counter):
+        grouped: dict[str, dict[str, int]] = {}
+        for (source, reason), count in counter.items():
+            grouped.setdefault(source, {})[reason] = count
+        return grouped
+
+    entry = {**record.__dict__, "written": dict(work.written), "skipped": by_source(work.skipped),
+             "repaired": by_source(work.repaired)}
+    return {"entry": json.dumps(entry)}
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    shards_built: int
+    shards_skipped: int
+    seconds: float
+
+
+def build(config: DataConfig, ray_address: str | None = None, progress: bool = True) -> BuildResult:
+    """Build (or finish building) the shards and manifest a config describes."""
+    start = time.perf_counter()
+    storage = open_storage(config.output)
+    manifest = load_or_start(storage, config)
+    plans = plan_shards(config)
+    todo = [plan for plan in plans if plan.name not in manifest.shards or not storage.exists(plan.name)]
+    if todo:
+        _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
+    manifest.save(storage)
+    return BuildResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - start)
+
+
+def _run(config, todo, manifest, storage, address, progress):
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                 **({} if address else {"num_cpus": os.cpu_count()}))
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
+        config_json = config.model_dump_json()
+        rows = [{"plan": pickle.dumps(plan)} for plan in todo]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        dataset = dataset.map(_prepare, fn_kwargs={"config_json": config_json})
+        if config.visual_tokenizer is not None:
+            gpus = config.ray.gpus_per_tokenizer_actor
+            if gpus is None:
+                gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+            dataset = dataset.map(_VisualCodes, fn_constructor_kwargs={"config_json": config_json},
+                                  concurrency=config.ray.tokenizer_actors, num_gpus=gpus)
+        dataset = dataset.map(_write, fn_kwargs={"output": config.output})
+        with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
+            for row in dataset.iter_rows():
+                manifest.add(json.loads(row["entry"]))
+                manifest.save(storage)
+                bar.update()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def summary_table(result: BuildResult) -> str:
+    """Written and skipped samples per source, and throughput, for the end of a run."""
+    totals = result.manifest.totals()
+    written = sum(t["written"] for t in totals.values())
+    lines = [f"{'source':<20}{'written':>10}  skipped (reason: count)"]
+    for source, counts in totals.items():
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(counts["skipped"].items())) or "-"
+        repaired = ", ".join(f"{r}: {n}" for r, n in sorted(counts["repaired"].items()))
+        lines.append(f"{source:<20}{counts['written']:>10}  {reasons}" + (f"  (repaired {repaired})" if repaired
+                                                                          else ""))
+    lines.append(f"{len(result.manifest.shards)} shards ({result.shards_built} built now, {result.shards_skipped} "
+                 f"already done), {written:,} samples, {result.seconds:.1f}s, "
+                 f"{written / max(result.seconds, 1e-9):.1f} samples/s")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""The work of one shard, stage by stage: read and validate, resize and choose views, visual codes, write.
+
+Stages pass a `ShardWork` along. A bad sample never stops a shard: it is dropped and counted under its source
+and a short reason, which the manifest reports.
+"""
+
+import functools
+import gzip
+import io
+import json
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from beit3.pretrain.masking import sample_seed
+from beit3.tokenizers.images import ImageDecodeError, decode_image
+from beit3.tokenizers.text import EOS, TextTokenizer
+from beit3.tokenizers.visual import VisualTokenizer
+
+from .config import DataConfig
+from .shards import ShardRecord, json_bytes, npy_bytes, tar_bytes
+from .sources import ImageItem, ShardPlan, TextFile
+from .storage import StorageError, open_storage
+from .views import choose_views, render_view, resize_shorter_side
+
+CODE_BATCH = 64
+"""Views per visual-tokenizer forward pass."""
+
+
+@dataclass
+class ShardWork:
+    """A shard on its way through the stages, with per-source counts of what was written, skipped, repaired."""
+
+    plan: ShardPlan
+    samples: list[dict] = field(default_factory=list)
+    written: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    tokenizer_views: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, source: str, sample: dict) -> None:
+        self.samples.append(sample)
+        self.written[source] += 1
+
+    def skip(self, source: str, reason: str) -> None:
+        self.skipped[(source, reason)] += 1
+
+
+def _read_image_bytes(items: list[ImageItem], work: ShardWork):
+    """(item, bytes) for every readable item, opening each per-class tar once."""
+    by_tar: dict[tuple[str, str], list[ImageItem]] = {}
+    for item in items:
+        if item.member is None:
+            try:
+                yield item, open_storage(item.root).read_bytes(item.name)
+            except StorageError:
+                work.skip(item.source, "unreadable")
+        else:
+            by_tar.setdefault((item.root, item.name), []).append(item)
+    for (root, name), members in by_tar.items():
+        try:
+            archive = tarfile.open(fileobj=io.BytesIO(open_storage(root).read_bytes(name)))
+        except (StorageError, tarfile.TarError):
+            for item in members:
+                work.skip(item.source, "unreadable")
+            continue
+        with archive:
+            for item in members:
+                try:
+                    yield item, archive.extractfile(item.member).read()
+                except (KeyError, AttributeError, tarfile.TarError, OSError):
+                    work.skip(item.source, "unreadable")
+
+
+def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
+    """Decode, validate, resize, choose views; keep the tokenizer-sized view pixels for the next stage."""
+    work = ShardWork(plan)
+    settings = config.image
+    for item, data in _read_image_bytes(list(plan.items), work):
+        try:
+            image = decode_image(data, f"{item.root}/{item.name}:{item.member or ''}", settings.max_pixels)
+        except ImageDecodeError as error:
+            work.skip(item.source, error.reason)
+            continue
+        image = resize_shorter_side(image, settings.shorter_side)
+        views = choose_views(image, settings.views_per_image, sample_seed(config.seed, item.source, item.index),
+                             settings.crop_scale, settings.crop_ratio, settings.flip_probability)
+        encoded = io.BytesIO()
+        image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
+        if config.visual_tokenizer is not None:
+            pixels = TF.pil_to_tensor(image)
+            work.tokenizer_views.append(torch.stack([render_view(pixels, view, settings.tokenizer_view_size)
+                                                     for view in views]))
+        work.add(item.source, {
+            "__key__": f"{item.source}-{item.index:09d}",
+            "jpg": encoded.getvalue(),
+            "views.json": json_bytes([view.to_json() for view in views]),
+            "json": json_bytes({"source": item.source, "file": item.name, "member": item.member,
+                                "index": item.index, "label": item.label}),
+        })
+    return work
+
+
+def add_codes(work: ShardWork, tokenizer: VisualTokenizer) -> ShardWork:
+    """Visual codes (uint16) for every stored view, in batches of CODE_BATCH views."""
+    if not work.tokenizer_views:
+        return work
+    views = torch.cat(work.tokenizer_views).float() / 255.0
+    codes = torch.cat([tokenizer.encode(batch.to(next(tokenizer.buffers(), views).device)).cpu()
+                       for batch in views.split(CODE_BATCH)])
+    per_sample = codes.split([len(v) for v in work.tokenizer_views])
+    for sample, sample_codes in zip(work.samples, per_sample):
+        sample["codes.npy"] = npy_bytes(sample_codes.numpy().astype(np.uint16))
+    work.tokenizer_views = []
+    return work
+
+
+def _decompressed(name: str, data: bytes) -> bytes:
+    if name.endswith(".gz"):
+        return gzip.decompress(data)
+    if name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    return data
+
+
+def iter_documents(text_file: TextFile, text_field: str, documents: str, work: ShardWork):
+    """Documents of one corpus file; malformed JSON lines and empty documents are counted, not fatal."""
+    raw = _decompressed(text_file.name, open_storage(text_file.root).read_bytes(text_file.name))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        work.repaired[(text_file.source, "invalid_utf8_replaced")] += 1
+    text = text.replace("\x00", "")
+    is_jsonl = ".jsonl" in text_file.name
+    chunks = text.split("\n\n") if documents == "paragraph" and not is_jsonl else text.split("\n")
+    for chunk in chunks:
+        if not chunk.strip():
+            continue
+        if is_jsonl:
+            try:
+                chunk = str(json.loads(chunk).get(text_field) or "")
+            except (json.JSONDecodeError, AttributeError):
+                work.skip(text_file.source, "bad_json")
+                continue
+        chunk = " ".join(chunk.split())
+        if chunk:
+            yield chunk
+        else:
+            work.skip(text_file.source, "empty_text")
+
+
+def pack_documents(documents: list[list[int]], text_len: int) -> list[list[int]]:
+    """Pack documents (ids without bos/eos) into segments `[bos] body [eos]` of at most `text_len` ids.
+
+    Documents in one segment are separated by eos; a document moves to a new segment when it does not fit in
+    what is left, and only a document longer than a whole segment is split across segments.
+    """
+    capacity = text_len - 2
+    segments, body = [], []
+    for ids in documents:
+        if body and len(body) + 1 + len(ids) > capacity:
+            segments.append(body)
+            body = []
+        if body:
+            body.append(EOS)
+        while len(body) + len(ids) > capacity:
+            room = capacity - len(body)
+            segments.append(body + ids[:room])
+            body, ids = [], ids[room:]
+        body.extend(ids)
+    if body:
+        segments.append(body)
+    return [[0, *segment, EOS] for segment in segments]
+
+
+@functools.lru_cache(maxsize=4)
+def load_text_tokenizer(url: str) -> TextTokenizer:
+    """The SentencePiece model at a local path or s3:// URL, fetched once per worker process."""
+    root, _, name = url.rpartition("/")
+    data = open_storage(root or ".").read_bytes(name)
+    handle = tempfile.NamedTemporaryFile(suffix=".model", delete=False)
+    handle.write(data)
+    handle.close()
+    return TextTokenizer(handle.name)
+
+
+def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
+    """Tokenize every document of the shard's file and pack them into full-length segments."""
+    work = ShardWork(plan)
+    (text_file,) = plan.items
+    source = next(s for s in config.sources if s.name == text_file.source)
+    tokenizer = load_text_tokenizer(config.text_tokenizer)
+    try:
+        documents = list(iter_documents(text_file, source.text_field, source.documents, work))
+    except (StorageError, OSError, EOFError):
+        work.skip(text_file.source, "unreadable_file")
+        return work
+    bodies = [ids[1:-1] for ids in tokenizer.encode_batch(documents)]
+    for segment_index, segment in enumerate(pack_documents(bodies, config.text_len)):
+        work.add(text_file.source, {
+            "__key__": f"{text_file.source}-{text_file.index:06d}-{segment_index:07d}",
+            "ids.npy": npy_bytes(np.asarray(segment, dtype=np.uint16)),
+            "json": json_bytes({"source": text_file.source, "file": text_file.name, "segment": segment_index}),
+        })
+    return work
+
+
+def finish_shard(work: ShardWork) -> tuple[bytes, ShardRecord]:
+    data = tar_bytes(work.samples)
+    return data, ShardRecord.of(work.plan.name, work.plan.kind, len(work.samples), data)
