@@ -93,7 +93,8 @@ def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
         encoded = io.BytesIO()
         image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
         if config.visual_tokenizer is not None:
-            pixels = TF.pil_to_tensor(image)
+            # Codes are computed from the stored JPEG's pixels: exactly what the trainer will decode and crop.
+            pixels = TF.pil_to_tensor(decode_image(encoded.getvalue()))
             work.tokenizer_views.append(torch.stack([render_view(pixels, view, settings.tokenizer_view_size)
                                                      for view in views]))
         work.add(item.source, {

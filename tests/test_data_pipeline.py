@@ -1,0 +1,187 @@
+"""The Ray pipeline on a local Ray instance: real images and corpora in, shards read back with webdataset."""
+
+import hashlib
+import io
+import json
+
+import boto3
+import numpy as np
+import pytest
+import ray
+import webdataset
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from beit3.config import ConfigError, validate_config
+from beit3.data_pipeline.config import DataConfig
+from beit3.data_pipeline.job import build, summary_table
+from beit3.data_pipeline.manifest import ManifestMismatch
+from beit3.data_pipeline.processing import pack_documents
+from beit3.data_pipeline.views import View, render_view
+from beit3.tokenizers.text import TextTokenizer
+from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
+
+from s3_endpoint import CREDENTIALS
+from pipeline_inputs import BAD_IMAGES, data_config, make_imagenet, make_spm, make_text, pack_class_tars
+
+
+@pytest.fixture(scope="module")
+def ray_instance(s3_endpoint_url):
+    """A local Ray instance whose workers see the loopback S3 endpoint in their AWS environment."""
+    environment = {"AWS_ENDPOINT_URL": s3_endpoint_url, **CREDENTIALS}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": environment})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    good = make_imagenet(root / "imagenet")
+    documents = make_text(root / "text")
+    return {"root": root, "good": good, "documents": documents, "spm": make_spm(root)}
+
+
+def config_for(inputs, output, **overrides) -> DataConfig:
+    root = inputs["root"]
+    raw = data_config(str(output), str(root / "imagenet"), str(root / "text"), str(inputs["spm"]), **overrides)
+    return validate_config(DataConfig, raw, "test")
+
+
+@pytest.fixture(scope="module")
+def local_build(ray_instance, inputs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("shards")
+    config = config_for(inputs, output)
+    return config, build(config, progress=False), output
+
+
+def read_shards(output, kind):
+    return [sample for path in sorted(output.glob(f"{kind}-*.tar"))
+            for sample in webdataset.WebDataset(str(path), shardshuffle=False)]
+
+
+def test_every_image_written_once_or_skipped_with_its_reason(local_build, inputs):
+    config, result, output = local_build
+    samples = read_shards(output, "image")
+    provenance = [json.loads(s["json"]) for s in samples]
+    written = {f"{p['label']}/{p['file'].split('/')[-1]}": p["label"] for p in provenance}
+    assert written == inputs["good"] and len(samples) == len(inputs["good"])
+    assert len({s["__key__"] for s in samples}) == len(samples)
+    totals = result.manifest.totals()["in21k"]
+    assert totals["written"] == len(inputs["good"])
+    assert totals["skipped"] == {reason: 1 for reason in BAD_IMAGES.values()}
+    assert "too_many_pixels: 1" in summary_table(result)
+
+
+def test_codes_belong_to_the_stored_views(local_build):
+    config, _, output = local_build
+    tokenizer, _ = build_visual_tokenizer(VisualTokenizerConfig(kind="random", seed=0, codebook_size=512))
+    for sample in read_shards(output, "image")[:5]:
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        assert min(image.size) <= 96
+        codes = np.load(io.BytesIO(sample["codes.npy"]))
+        views = [View.from_json(v) for v in json.loads(sample["views.json"])]
+        assert codes.dtype == np.uint16 and codes.shape == (2, 4, 4) and len(views) == 2
+        pixels = TF.pil_to_tensor(image.convert("RGB"))
+        for view, view_codes in zip(views, codes):
+            assert view.top + view.height <= image.height and view.left + view.width <= image.width
+            rendered = render_view(pixels, view, 64).float().unsqueeze(0) / 255.0
+            assert np.array_equal(tokenizer.encode(rendered)[0].numpy(), view_codes)
+
+
+def test_text_is_tokenized_and_packed_without_loss(local_build, inputs):
+    config, result, output = local_build
+    tokenizer = TextTokenizer(inputs["spm"])
+    segments = [np.load(io.BytesIO(s["ids.npy"])).tolist() for s in read_shards(output, "text")]
+    assert all(s[0] == 0 and s[-1] == 2 and len(s) <= 16 for s in segments)
+    packed = [i for s in segments for i in s[1:-1] if i != 2]  # documents never contain eos: it separates them
+    assert packed == [i for ids in tokenizer.encode_batch(inputs["documents"]) for i in ids[1:-1]]
+    totals = result.manifest.totals()["corpus"]
+    assert totals["skipped"] == {"bad_json": 1, "empty_text": 1}
+    assert totals["repaired"] == {"invalid_utf8_replaced": 1}
+
+
+def test_manifest_matches_the_files(local_build):
+    _, result, output = local_build
+    document = json.loads((output / "manifest.json").read_text())
+    assert document["sources"] == result.manifest.totals()
+    for entry in document["shards"]:
+        data = (output / entry["name"]).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["samples"] == sum(1 for _ in webdataset.WebDataset(str(output / entry["name"]),
+                                                                           shardshuffle=False))
+    assert sorted(e["name"] for e in document["shards"]) == sorted(p.name for p in output.glob("*.tar"))
+
+
+def test_rerun_skips_finished_shards_and_rebuilds_lost_ones_identically(local_build, inputs):
+    config, first, output = local_build
+    manifest_before = (output / "manifest.json").read_bytes()
+    (output / "image-000001.tar").unlink()
+    again = build(config, progress=False)
+    assert again.shards_built == 1 and again.shards_skipped == len(first.manifest.shards) - 1
+    assert (output / "manifest.json").read_bytes() == manifest_before
+
+
+def test_changed_content_settings_refuse_to_resume(local_build, inputs):
+    _, _, output = local_build
+    with pytest.raises(ManifestMismatch, match="different content settings"):
+        build(config_for(inputs, output, seed=4), progress=False)
+
+
+def test_object_storage_gives_the_same_shards(ray_instance, inputs, local_build, s3_bucket):
+    """Inputs, tokenizer and output on the loopback S3 endpoint: identical shards to the local run."""
+    client = boto3.client("s3")
+    root = inputs["root"]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), s3_bucket, f"raw/{path.relative_to(root).as_posix()}")
+    url = f"s3://{s3_bucket}/raw"
+    config = validate_config(DataConfig, data_config(f"s3://{s3_bucket}/shards", f"{url}/imagenet", f"{url}/text",
+                                                     f"{url}/spm.model"), "s3 test")
+    result = build(config, progress=False)
+    _, local, local_output = local_build
+    assert {n: e["sha256"] for n, e in result.manifest.shards.items()} == {
+        n: e["sha256"] for n, e in local.manifest.shards.items()}
+    names = sorted(o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="shards/")["Contents"])
+    assert names == sorted(f"shards/{n}" for n in [*local.manifest.shards, "manifest.json"])
+    stored = client.get_object(Bucket=s3_bucket, Key="shards/image-000000.tar")["Body"].read()
+    assert stored == (local_output / "image-000000.tar").read_bytes()
+
+
+def test_per_class_tars_are_read_like_folders(ray_instance, inputs, tmp_path):
+    pack_class_tars(inputs["root"] / "imagenet", tmp_path / "tars")
+    raw = data_config(str(tmp_path / "out"), str(tmp_path / "tars"), str(inputs["root"] / "text"), str(inputs["spm"]),
+                      sources=[{"kind": "imagenet", "name": "tars", "path": str(tmp_path / "tars")}],
+                      text_tokenizer=None)
+    result = build(validate_config(DataConfig, raw, "tars"), progress=False)
+    totals = result.manifest.totals()["tars"]
+    assert totals["written"] == len(inputs["good"])
+    assert totals["skipped"] == {reason: 1 for reason in BAD_IMAGES.values()}
+    labels = {json.loads(s["json"])["label"] for s in read_shards(tmp_path / "out", "image")}
+    assert labels == set(inputs["good"].values())
+
+
+def test_packing_keeps_documents_whole_when_they_fit():
+    assert pack_documents([[5, 6], [7, 8, 9], [10]], text_len=8) == [[0, 5, 6, 2, 7, 8, 9, 2], [0, 10, 2]]
+    assert pack_documents([list(range(10, 23))], text_len=8) == [[0, 10, 11, 12, 13, 14, 15, 2],
+                                                                  [0, 16, 17, 18, 19, 20, 21, 2], [0, 22, 2]]
+
+
+def test_config_errors_name_the_field(inputs, tmp_path):
+    raw = data_config(str(tmp_path), "x", "y", "z", samples_per_shard=0)
+    with pytest.raises(ConfigError, match="samples_per_shard: Input should be greater than 0"):
+        validate_config(DataConfig, raw, "data.yaml")
+    raw = data_config(str(tmp_path), "x", "y", "z", text_tokenizer=None)
+    with pytest.raises(ConfigError, match="text sources need text_tokenizer"):
+        validate_config(DataConfig, raw, "data.yaml")
+    raw = data_config(str(tmp_path), "x", "y", "z")
+    raw["sources"][0]["name"] = "bad.name"
+    with pytest.raises(ConfigError, match="sources.0.imagenet.name"):
+        validate_config(DataConfig, raw, "data.yaml")
+
+
+def test_empty_source_is_a_clear_error(ray_instance, inputs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    raw = data_config(str(tmp_path / "out"), str(tmp_path / "empty"), str(inputs["root"] / "text"), str(inputs["spm"]))
+    with pytest.raises(FileNotFoundError, match="no images under"):
+        build(validate_config(DataConfig, raw, "t"), progress=False)
+
