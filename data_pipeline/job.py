@@ -49,7 +49,8 @@ class _VisualCodes:
 def _write(row: dict, output: str) -> dict:
     work = pickle.loads(row["work"])
     data, record = finish_shard(work)
-    open_storage(output).write_atomic(record.name, data)
+    if data:
+        open_storage(output).write_atomic(record.name, data)
 
     def by_source(counter):
         grouped: dict[str, dict[str, int]] = {}
@@ -76,7 +77,7 @@ def build(config: DataConfig, ray_address: str | None = None, progress: bool = T
     storage = open_storage(config.output)
     manifest = load_or_start(storage, config)
     plans = plan_shards(config)
-    todo = [plan for plan in plans if plan.name not in manifest.shards or not storage.exists(plan.name)]
+    todo = [plan for plan in plans if not manifest.is_done(plan.name, storage)]
     if todo:
         _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
     manifest.save(storage)

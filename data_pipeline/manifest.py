@@ -1,5 +1,7 @@
 """The manifest: every finished shard with its sample count, bytes and sha256, and per-source counts.
 
+A planned shard whose every input was skipped is listed with zero samples and has no file.
+
 It is rewritten atomically after each shard completes, and a shard enters it only once its tar is fully
 stored, so the manifest never names a partial shard. It also records a digest of the content-defining
 config, so that a resumed job refuses to mix shards built under different settings.
@@ -35,6 +37,11 @@ class Manifest:
 
     def add(self, entry: dict) -> None:
         self.shards[entry["name"]] = entry
+
+    def is_done(self, name: str, storage: Storage) -> bool:
+        """Listed and stored; a shard all of whose inputs were skipped is listed with no samples and no file."""
+        entry = self.shards.get(name)
+        return entry is not None and (entry["samples"] == 0 or storage.exists(name))
 
     def totals(self) -> dict[str, dict]:
         """Per source: samples written, skipped by reason, and inputs repaired by reason."""

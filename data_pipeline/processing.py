@@ -215,5 +215,8 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
 
 
 def finish_shard(work: ShardWork) -> tuple[bytes, ShardRecord]:
+    """The tar and its manifest record; a shard left with no samples gets a record with no bytes and no file."""
+    if not work.samples:
+        return b"", ShardRecord(work.plan.name, work.plan.kind, 0, 0, None)
     data = tar_bytes(work.samples)
     return data, ShardRecord.of(work.plan.name, work.plan.kind, len(work.samples), data)

@@ -55,7 +55,7 @@ class ShardRecord:
     kind: str
     samples: int
     bytes: int
-    sha256: str
+    sha256: str | None
 
     @classmethod
     def of(cls, name: str, kind: str, samples: int, data: bytes) -> "ShardRecord":
