@@ -32,7 +32,40 @@ class TextSource(_Strict):
     documents: Literal["line", "paragraph"] = "line"
 
 
-Source = Annotated[ImageNetSource | TextSource, Field(discriminator="kind")]
+class WebDatasetPairSource(_Strict):
+    """Image-text pairs already in WebDataset tars, in the common downloader layout (`jpg` + `txt` + `json`).
+    Each input tar becomes one output shard."""
+
+    kind: Literal["pairs_webdataset"]
+    name: str = SOURCE_NAME
+    path: str = Field(description="Folder or s3:// prefix of .tar files.")
+
+
+class TablePairSource(_Strict):
+    """Image-text pairs listed in a table (.parquet, .jsonl or .tsv) of image paths and captions."""
+
+    kind: Literal["pairs_table"]
+    name: str = SOURCE_NAME
+    table: str = Field(description="The table file, local or s3://.")
+    images: str = Field(description="Folder or s3:// prefix the image paths are relative to.")
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+
+class CocoPairSource(_Strict):
+    """COCO-style caption annotations (`images` with `file_name`, `annotations` with `caption`)."""
+
+    kind: Literal["coco"]
+    name: str = SOURCE_NAME
+    annotations: str = Field(description="captions_*.json, local or s3://.")
+    images: str = Field(description="The image folder or s3:// prefix.")
+
+
+PAIR_SOURCES = (WebDatasetPairSource, TablePairSource, CocoPairSource)
+Source = Annotated[
+    ImageNetSource | TextSource | WebDatasetPairSource | TablePairSource | CocoPairSource,
+    Field(discriminator="kind"),
+]
 
 
 class ImageSettings(_Strict):
@@ -63,7 +96,8 @@ class DataConfig(_Strict):
         VisualTokenizerConfig(kind="random"), description="None stores no codes (the trainer tokenizes on the fly)."
     )
     text_tokenizer: str | None = Field(None, description="SentencePiece model; required by text sources.")
-    text_len: int = Field(128, gt=2)
+    text_len: int = Field(128, gt=2, description="Tokens per packed monomodal text segment.")
+    caption_len: int = Field(64, gt=2, description="Longest caption in tokens; longer ones are truncated.")
     ray: RaySettings = RaySettings()
 
     @model_validator(mode="after")
@@ -71,6 +105,6 @@ class DataConfig(_Strict):
         names = [source.name for source in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
-        if any(isinstance(s, TextSource) for s in self.sources) and not self.text_tokenizer:
-            raise ValueError("text sources need text_tokenizer (a SentencePiece model)")
+        if any(isinstance(s, (TextSource, *PAIR_SOURCES)) for s in self.sources) and not self.text_tokenizer:
+            raise ValueError("text and image-text pair sources need text_tokenizer (a SentencePiece model)")
         return self

@@ -21,7 +21,7 @@ from beit3.tokenizers.visual import build_visual_tokenizer
 
 from .config import DataConfig
 from .manifest import Manifest, load_or_start
-from .processing import add_codes, finish_shard, prepare_images, prepare_text
+from .processing import add_codes, finish_shard, prepare_images, prepare_pairs, prepare_text
 from .sources import plan_shards
 from .storage import open_storage
 
@@ -29,7 +29,8 @@ from .storage import open_storage
 def _prepare(row: dict, config_json: str) -> dict:
     config = DataConfig.model_validate_json(config_json)
     plan = pickle.loads(row["plan"])
-    work = prepare_images(plan, config) if plan.kind == "image" else prepare_text(plan, config)
+    prepare = {"image": prepare_images, "text": prepare_text, "pair": prepare_pairs}[plan.kind]
+    work = prepare(plan, config)
     return {"work": pickle.dumps(work)}
 
 

@@ -24,7 +24,7 @@ from beit3.tokenizers.visual import VisualTokenizer
 
 from .config import DataConfig
 from .shards import ShardRecord, json_bytes, npy_bytes, tar_bytes
-from .sources import ImageItem, ShardPlan, TextFile
+from .sources import ImageItem, PairTar, ShardPlan, TextFile
 from .storage import StorageError, open_storage
 from .views import choose_views, render_view, resize_shorter_side
 
@@ -77,34 +77,125 @@ def _read_image_bytes(items: list[ImageItem], work: ShardWork):
                     work.skip(item.source, "unreadable")
 
 
+def _image_fields(
+    work: ShardWork, source: str, index: int, data: bytes, origin: str, config: DataConfig
+) -> dict | None:
+    """Decode, validate, resize and choose views for one image; None (and a counted skip) if it is unusable.
+
+    The tokenizer-sized pixels of each view go to `work.tokenizer_views`, in step with the samples added.
+    """
+    settings = config.image
+    try:
+        image = decode_image(data, origin, settings.max_pixels)
+    except ImageDecodeError as error:
+        work.skip(source, error.reason)
+        return None
+    image = resize_shorter_side(image, settings.shorter_side)
+    views = choose_views(image, settings.views_per_image, sample_seed(config.seed, source, index),
+                         settings.crop_scale, settings.crop_ratio, settings.flip_probability)
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
+    if config.visual_tokenizer is not None:
+        # Codes are computed from the stored JPEG's pixels: exactly what the trainer will decode and crop.
+        pixels = TF.pil_to_tensor(decode_image(encoded.getvalue()))
+        work.tokenizer_views.append(torch.stack([render_view(pixels, view, settings.tokenizer_view_size)
+                                                 for view in views]))
+    return {"jpg": encoded.getvalue(), "views.json": json_bytes([view.to_json() for view in views])}
+
+
 def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Decode, validate, resize, choose views; keep the tokenizer-sized view pixels for the next stage."""
     work = ShardWork(plan)
-    settings = config.image
     for item, data in _read_image_bytes(list(plan.items), work):
-        try:
-            image = decode_image(data, f"{item.root}/{item.name}:{item.member or ''}", settings.max_pixels)
-        except ImageDecodeError as error:
-            work.skip(item.source, error.reason)
-            continue
-        image = resize_shorter_side(image, settings.shorter_side)
-        views = choose_views(image, settings.views_per_image, sample_seed(config.seed, item.source, item.index),
-                             settings.crop_scale, settings.crop_ratio, settings.flip_probability)
-        encoded = io.BytesIO()
-        image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
-        if config.visual_tokenizer is not None:
-            # Codes are computed from the stored JPEG's pixels: exactly what the trainer will decode and crop.
-            pixels = TF.pil_to_tensor(decode_image(encoded.getvalue()))
-            work.tokenizer_views.append(torch.stack([render_view(pixels, view, settings.tokenizer_view_size)
-                                                     for view in views]))
-        work.add(item.source, {
-            "__key__": f"{item.source}-{item.index:09d}",
-            "jpg": encoded.getvalue(),
-            "views.json": json_bytes([view.to_json() for view in views]),
-            "json": json_bytes({"source": item.source, "file": item.name, "member": item.member,
-                                "index": item.index, "label": item.label}),
-        })
+        origin = f"{item.root}/{item.name}:{item.member or ''}"
+        fields = _image_fields(work, item.source, item.index, data, origin, config)
+        if fields is not None:
+            work.add(item.source, {
+                "__key__": f"{item.source}-{item.index:09d}", **fields,
+                "json": json_bytes({"source": item.source, "file": item.name, "member": item.member,
+                                    "index": item.index, "label": item.label}),
+            })
     return work
+
+
+def _caption_ids(work: ShardWork, source: str, caption: str, config: DataConfig) -> list[int] | None:
+    caption = " ".join(caption.replace("\x00", "").split())
+    if not caption:
+        work.skip(source, "empty_caption")
+        return None
+    ids = load_text_tokenizer(config.text_tokenizer).encode(caption)
+    if len(ids) > config.caption_len:
+        work.repaired[(source, "caption_truncated")] += 1
+        ids = [*ids[: config.caption_len - 1], EOS]
+    return ids
+
+
+TAR_SAMPLE_STRIDE = 10**6
+"""Pairs of input tar i get indices i * stride + position: unique within a source for tars under a million."""
+
+
+def _pairs_of_tar(pair_tar: PairTar, work: ShardWork):
+    """(source, index, image bytes, caption, provenance) per sample of a downloader-layout tar."""
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(open_storage(pair_tar.root).read_bytes(pair_tar.name)))
+    except (StorageError, tarfile.TarError):
+        work.skip(pair_tar.source, "unreadable_tar")
+        return
+    fields: dict[str, dict[str, bytes]] = {}
+    with archive:
+        try:
+            for member in archive:
+                if member.isfile():
+                    key, _, extension = member.name.rpartition("/")[2].partition(".")
+                    fields.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError):
+            work.skip(pair_tar.source, "truncated_tar")
+    for position, key in enumerate(sorted(fields)):
+        sample = fields[key]
+        image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if image is None:
+            work.skip(pair_tar.source, "missing_image")
+            continue
+        if "txt" not in sample:
+            work.skip(pair_tar.source, "missing_caption")
+            continue
+        caption = sample["txt"].decode("utf-8", errors="replace")
+        if "\ufffd" in caption:
+            work.repaired[(pair_tar.source, "invalid_utf8_replaced")] += 1
+        index = pair_tar.index * TAR_SAMPLE_STRIDE + position
+        yield pair_tar.source, index, image, caption, {"file": pair_tar.name, "key": key}
+
+
+def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
+    """Image-text pairs: the image as for images, the caption tokenized (and truncated to caption_len)."""
+    work = ShardWork(plan)
+    entries = _pairs_of_tar(plan.items[0], work) if isinstance(plan.items[0], PairTar) else _pairs_of_table(
+        plan.items, work)
+    for source, index, image, caption, provenance in entries:
+        ids = _caption_ids(work, source, caption, config)
+        if ids is None:
+            continue
+        fields = _image_fields(work, source, index, image, f"{source}:{provenance}", config)
+        if fields is not None:
+            work.add(source, {
+                "__key__": f"{source}-{index:012d}", **fields,
+                "ids.npy": npy_bytes(np.asarray(ids, dtype=np.uint16)),
+                "json": json_bytes({"source": source, "index": index, "caption": caption, **provenance}),
+            })
+    return work
+
+
+def _pairs_of_table(items: tuple, work: ShardWork):
+    """(source, index, image bytes, caption, provenance) per table or COCO row; missing images counted."""
+    for item in items:
+        try:
+            image = open_storage(item.root).read_bytes(item.name) if item.name else None
+        except StorageError:
+            image = None
+        if image is None:
+            work.skip(item.source, "missing_image")
+            continue
+        yield item.source, item.index, image, item.caption, {"file": item.name}
 
 
 def add_codes(work: ShardWork, tokenizer: VisualTokenizer) -> ShardWork:

@@ -2,15 +2,20 @@
 
 The plan is a pure function of the input listing (sorted) and the config, so a re-run of an interrupted
 job plans the same shards with the same samples, skips the finished ones, and redoes the rest identically.
-Image shards hold `samples_per_shard` images in listing order; a text shard holds the packed segments of
-one input file (split large corpora into files of the size a shard should have).
+Image shards hold `samples_per_shard` images in listing order, and so do pair shards from tables and COCO
+annotations; a text shard holds the packed segments of one input file (split large corpora into files of the
+size a shard should have), and a pair shard from existing WebDataset tars holds the pairs of one input tar.
 """
 
+import csv
 import io
+import json
 import tarfile
 from dataclasses import dataclass
 
-from .config import DataConfig, ImageNetSource, TextSource
+import pyarrow.parquet
+
+from .config import CocoPairSource, DataConfig, ImageNetSource, TablePairSource, TextSource, WebDatasetPairSource
 from .shards import shard_name
 from .storage import open_storage
 
@@ -32,6 +37,27 @@ class ImageItem:
 
 @dataclass(frozen=True)
 class TextFile:
+    source: str
+    root: str
+    name: str
+    index: int
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """One image-text pair from a table or COCO annotations: the image at `name` under `root`."""
+
+    source: str
+    root: str
+    name: str
+    caption: str
+    index: int
+
+
+@dataclass(frozen=True)
+class PairTar:
+    """One input WebDataset tar of pairs; its samples are read when the shard is built."""
+
     source: str
     root: str
     name: str
@@ -85,11 +111,83 @@ def list_text(source: TextSource) -> list[TextFile]:
     return [TextFile(source.name, root, name, index) for index, (root, name) in enumerate(files)]
 
 
+def _split_url(url: str) -> tuple[str, str]:
+    root, _, name = url.rstrip("/").rpartition("/")
+    return root or ".", name
+
+
+def _read_table(source: TablePairSource) -> list[tuple[object, object]]:
+    """(image path, caption) rows; a table without the configured columns is an error before any work."""
+    root, name = _split_url(source.table)
+    data = open_storage(root).read_bytes(name)
+    wanted = [source.image_column, source.caption_column]
+    if name.endswith(".parquet"):
+        table = pyarrow.parquet.read_table(io.BytesIO(data))
+        columns = table.column_names
+        rows = list(zip(*(table.column(c).to_pylist() for c in wanted))) if set(wanted) <= set(columns) else []
+    elif name.endswith(".jsonl"):
+        records = [json.loads(line) for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+        columns = sorted({key for record in records for key in record})
+        rows = [(record.get(wanted[0]), record.get(wanted[1])) for record in records]
+    elif name.endswith(".tsv"):
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8", errors="replace")), delimiter="\t")
+        columns = reader.fieldnames or []
+        rows = [(record.get(wanted[0]), record.get(wanted[1])) for record in reader]
+    else:
+        raise ValueError(f"source {source.name}: {source.table} is not a .parquet, .jsonl or .tsv table")
+    missing = [column for column in wanted if column not in columns]
+    if missing:
+        raise ValueError(f"source {source.name}: {source.table} has no column {', '.join(map(repr, missing))} "
+                         f"(columns: {', '.join(map(str, columns))}); set image_column / caption_column")
+    return rows
+
+
+def list_pair_table(source: TablePairSource) -> list[PairItem]:
+    return [PairItem(source.name, source.images, str(image or ""), str(caption or ""), index)
+            for index, (image, caption) in enumerate(_read_table(source))]
+
+
+def list_coco(source: CocoPairSource) -> list[PairItem]:
+    root, name = _split_url(source.annotations)
+    try:
+        document = json.loads(open_storage(root).read_bytes(name))
+        files = {image["id"]: image["file_name"] for image in document["images"]}
+        annotations = sorted(document["annotations"], key=lambda a: a["id"])
+        pairs = [(files.get(a["image_id"], ""), a.get("caption") or "") for a in annotations]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"source {source.name}: {source.annotations} is not COCO caption annotations "
+                         f"({type(error).__name__}: {error})") from None
+    return [PairItem(source.name, source.images, file, caption, index)
+            for index, (file, caption) in enumerate(pairs)]
+
+
+def list_pair_tars(source: WebDatasetPairSource) -> list[PairTar]:
+    tars = [name for name in open_storage(source.path).list() if name.endswith(".tar")]
+    if not tars:
+        raise FileNotFoundError(f"source {source.name}: no .tar files under {source.path}")
+    return [PairTar(source.name, source.path, name, index) for index, name in enumerate(tars)]
+
+
+def _chunks(items: list, size: int) -> list[tuple]:
+    return [tuple(items[start : start + size]) for start in range(0, len(items), size)]
+
+
 def plan_shards(config: DataConfig) -> list[ShardPlan]:
-    images = [item for s in config.sources if isinstance(s, ImageNetSource) for item in list_imagenet(s)]
-    texts = [item for s in config.sources if isinstance(s, TextSource) for item in list_text(s)]
+    images, texts, pairs, pair_tars = [], [], [], []
+    for source in config.sources:
+        if isinstance(source, ImageNetSource):
+            images += list_imagenet(source)
+        elif isinstance(source, TextSource):
+            texts += list_text(source)
+        elif isinstance(source, TablePairSource):
+            pairs += list_pair_table(source)
+        elif isinstance(source, CocoPairSource):
+            pairs += list_coco(source)
+        else:
+            pair_tars += list_pair_tars(source)
     size = config.samples_per_shard
-    plans = [ShardPlan("image", i, tuple(images[start : start + size]))
-             for i, start in enumerate(range(0, len(images), size))]
+    plans = [ShardPlan("image", i, chunk) for i, chunk in enumerate(_chunks(images, size))]
     plans += [ShardPlan("text", i, (text_file,)) for i, text_file in enumerate(texts)]
+    pair_units = _chunks(pairs, size) + [(pair_tar,) for pair_tar in pair_tars]
+    plans += [ShardPlan("pair", i, unit) for i, unit in enumerate(pair_units)]
     return plans

@@ -7,6 +7,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 from PIL import Image
 
 from beit3.tokenizers.text_training import train_text_tokenizer
@@ -72,7 +74,8 @@ def make_text(root: Path) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     txt = "\n".join(DOCUMENTS[:3]).encode() + b"\nbroken \xff\xfe bytes and a NUL\x00 here\n\n"
     (root / "a.txt").write_bytes(txt)
-    records = [json.dumps({"text": DOCUMENTS[3]}), "{not json", json.dumps({"text": ""}), json.dumps({"text": DOCUMENTS[4]})]
+    records = [json.dumps({"text": DOCUMENTS[3]}), "{not json", json.dumps({"text": ""}),
+               json.dumps({"text": DOCUMENTS[4]})]
     (root / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(records).encode()))
     return [*DOCUMENTS[:3], "broken \ufffd\ufffd bytes and a NUL here", " ".join(DOCUMENTS[3].split()), DOCUMENTS[4]]
 
@@ -100,3 +103,61 @@ def data_config(output: str, imagenet: str, text: str, spm: str, **overrides) ->
     }
     config.update(overrides)
     return config
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+LONG_CAPTION = "a very long caption that goes on " * 40
+
+
+def make_pairs(root: Path) -> dict[str, dict]:
+    """Pairs in the three layouts, each with broken entries; returns the expected counts per source."""
+    image = _image("RGB", 1)[1]
+    (root / "wds").mkdir(parents=True)
+    _tar(root / "wds" / "00000.tar", {
+        "000.jpg": image, "000.txt": b"a photo of a cat", "000.json": b"{}",
+        "001.jpg": image, "001.txt": b"broken \xff caption",
+        "002.jpg": image,
+        "003.txt": b"caption without an image",
+        "004.jpg": image, "004.txt": b"   ",
+        "005.jpg": image, "005.txt": LONG_CAPTION.encode(),
+        "006.jpg": b"not a jpeg", "006.txt": b"corrupt image",
+    })
+    images = root / "images"
+    images.mkdir()
+    for index in range(3):
+        (images / f"img{index}.jpg").write_bytes(_image("RGB", 10 + index)[1])
+    rows = [("img0.jpg", "first caption"), ("img1.jpg", "second caption"), ("absent.jpg", "no such image"),
+            ("img2.jpg", "")]
+    pyarrow.parquet.write_table(pyarrow.table({"url": [r[0] for r in rows], "text": [r[1] for r in rows]}),
+                                root / "pairs.parquet")
+    (root / "pairs.tsv").write_text("image\tcaption\n" + "\n".join(f"{a}\t{b}" for a, b in rows[:2]) + "\n")
+    coco = {"images": [{"id": 1, "file_name": "img0.jpg"}, {"id": 2, "file_name": "img1.jpg"}],
+            "annotations": [{"id": 10, "image_id": 1, "caption": "a cat"},
+                            {"id": 11, "image_id": 2, "caption": "a dog"},
+                            {"id": 12, "image_id": 1, "caption": "another caption of the cat"}]}
+    (root / "captions.json").write_text(json.dumps(coco))
+    return {
+        "webdataset": {"written": 3, "skipped": {"missing_caption": 1, "missing_image": 1, "empty_caption": 1,
+                                                 "not_an_image": 1},
+                       "repaired": {"invalid_utf8_replaced": 1, "caption_truncated": 1}},
+        "table": {"written": 2, "skipped": {"missing_image": 1, "empty_caption": 1}, "repaired": {}},
+        "tsv": {"written": 2, "skipped": {}, "repaired": {}},
+        "coco": {"written": 3, "skipped": {}, "repaired": {}},
+    }
+
+
+def pair_sources(root: Path) -> list[dict]:
+    return [
+        {"kind": "pairs_webdataset", "name": "webdataset", "path": str(root / "wds")},
+        {"kind": "pairs_table", "name": "table", "table": str(root / "pairs.parquet"), "images": str(root / "images"),
+         "image_column": "url", "caption_column": "text"},
+        {"kind": "pairs_table", "name": "tsv", "table": str(root / "pairs.tsv"), "images": str(root / "images")},
+        {"kind": "coco", "name": "coco", "annotations": str(root / "captions.json"), "images": str(root / "images")},
+    ]

@@ -22,7 +22,16 @@ from beit3.tokenizers.text import TextTokenizer
 from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
 
 from s3_endpoint import CREDENTIALS
-from pipeline_inputs import BAD_IMAGES, data_config, make_imagenet, make_spm, make_text, pack_class_tars
+from pipeline_inputs import (
+    BAD_IMAGES,
+    data_config,
+    make_imagenet,
+    make_pairs,
+    make_spm,
+    make_text,
+    pack_class_tars,
+    pair_sources,
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +182,7 @@ def test_config_errors_name_the_field(inputs, tmp_path):
     with pytest.raises(ConfigError, match="samples_per_shard: Input should be greater than 0"):
         validate_config(DataConfig, raw, "data.yaml")
     raw = data_config(str(tmp_path), "x", "y", "z", text_tokenizer=None)
-    with pytest.raises(ConfigError, match="text sources need text_tokenizer"):
+    with pytest.raises(ConfigError, match="pair sources need text_tokenizer"):
         validate_config(DataConfig, raw, "data.yaml")
     raw = data_config(str(tmp_path), "x", "y", "z")
     raw["sources"][0]["name"] = "bad.name"
@@ -187,3 +196,29 @@ def test_empty_source_is_a_clear_error(ray_instance, inputs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no images under"):
         build(validate_config(DataConfig, raw, "t"), progress=False)
 
+
+
+def test_image_text_pairs_from_webdataset_tables_and_coco(ray_instance, inputs, tmp_path):
+    expected = make_pairs(tmp_path / "pairs")
+    raw = data_config(str(tmp_path / "out"), "x", "y", str(inputs["spm"]), sources=pair_sources(tmp_path / "pairs"),
+                      caption_len=40)
+    result = build(validate_config(DataConfig, raw, "pairs"), progress=False)
+    assert result.manifest.totals() == expected
+    samples = read_shards(tmp_path / "out", "pair")
+    assert len(samples) == sum(counts["written"] for counts in expected.values())
+    for sample in samples:
+        ids = np.load(io.BytesIO(sample["ids.npy"]))
+        assert ids[0] == 0 and ids[-1] == 2 and len(ids) <= 40
+        assert np.load(io.BytesIO(sample["codes.npy"])).shape == (2, 4, 4)
+    captions = sorted(json.loads(s["json"])["caption"] for s in samples)
+    assert "a photo of a cat" in captions and "another caption of the cat" in captions
+
+
+def test_table_without_the_configured_columns_fails_before_work(inputs, tmp_path):
+    make_pairs(tmp_path / "pairs")
+    source = {"kind": "pairs_table", "name": "table", "table": str(tmp_path / "pairs" / "pairs.parquet"),
+              "images": str(tmp_path / "pairs" / "images")}
+    raw = data_config(str(tmp_path / "out"), "x", "y", str(inputs["spm"]), sources=[source])
+    with pytest.raises(ValueError, match="has no column 'image', 'caption' \\(columns: url, text\\)"):
+        build(validate_config(DataConfig, raw, "pairs"), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -67,7 +67,7 @@ def test_killed_driver_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert clean_run.returncode == 0, clean_run.stderr[-3000:]
 
     assert shard_checksums(killed) == shard_checksums(clean) and len(shard_checksums(clean)) == expected_shards
-    assert len(list(killed.glob("*.tar"))) == expected_shards - 4, "shards whose only input was bad have no file"
+    assert len(list(killed.glob("*.tar"))) == expected_shards - 4, "a shard whose only input was bad has no file"
     keys = [sample["__key__"] for path in sorted(killed.glob("image-*.tar"))
             for sample in webdataset.WebDataset(str(path), shardshuffle=False)]
     assert len(keys) == len(set(keys)) == len(good)
