@@ -55,7 +55,8 @@ def test_killed_driver_then_rerun_equals_an_uninterrupted_run(tmp_path):
     done_at_kill = manifest_shards(killed)
     assert 0 < done_at_kill < expected_shards, f"interrupted after {done_at_kill} of {expected_shards} shards"
     for name, checksum in shard_checksums(killed).items():
-        assert checksum is None or hashlib.sha256((killed / name).read_bytes()).hexdigest() == checksum, "manifest names whole shards"
+        if checksum is not None:
+            assert hashlib.sha256((killed / name).read_bytes()).hexdigest() == checksum, "only whole shards listed"
 
     rerun = subprocess.run([str(BEIT3), "data", "build", "--config", str(killed_config), "--quiet"],
                            capture_output=True, text=True, timeout=600)
