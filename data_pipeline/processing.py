@@ -7,6 +7,7 @@ and a short reason, which the manifest reports.
 import functools
 import gzip
 import io
+import itertools
 import json
 import tarfile
 import tempfile
@@ -19,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from beit3.pretrain.masking import sample_seed
 from beit3.tokenizers.images import ImageDecodeError, decode_image
-from beit3.tokenizers.text import EOS, TextTokenizer
+from beit3.tokenizers.text import BOS, EOS, TextTokenizer
 from beit3.tokenizers.visual import VisualTokenizer
 
 from .config import DataConfig
@@ -249,28 +250,42 @@ def iter_documents(text_file: TextFile, text_field: str, documents: str, work: S
             work.skip(text_file.source, "empty_text")
 
 
-def pack_documents(documents: list[list[int]], text_len: int) -> list[list[int]]:
-    """Pack documents (ids without bos/eos) into segments `[bos] body [eos]` of at most `text_len` ids.
+def pack_documents(documents: list[list[int]], text_len: int) -> list[np.ndarray]:
+    """Pack documents (ids without bos/eos) into uint16 segments `[bos] body [eos]` of at most `text_len` ids.
 
     Documents in one segment are separated by eos; a document moves to a new segment when it does not fit in
     what is left, and only a document longer than a whole segment is split across segments.
     """
     capacity = text_len - 2
-    segments, body = [], []
-    for ids in documents:
-        if body and len(body) + 1 + len(ids) > capacity:
-            segments.append(body)
-            body = []
-        if body:
-            body.append(EOS)
-        while len(body) + len(ids) > capacity:
-            room = capacity - len(body)
-            segments.append(body + ids[:room])
-            body, ids = [], ids[room:]
-        body.extend(ids)
-    if body:
-        segments.append(body)
-    return [[0, *segment, EOS] for segment in segments]
+    lengths = [len(ids) for ids in documents]
+    flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.uint16, count=sum(lengths))
+    segments: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    used = position = 0
+    for length in lengths:
+        start, end = position, position + length
+        position = end
+        if current and used + 1 + length > capacity:
+            segments.append(current)
+            current, used = [], 0
+        used += 1 if current else 0
+        while used + end - start > capacity:
+            room = capacity - used
+            segments.append([*current, (start, start + room)])
+            current, used, start = [], 0, start + room
+        if end > start:
+            current.append((start, end))
+            used += end - start
+    if current:
+        segments.append(current)
+    bos, eos = np.array([BOS], dtype=np.uint16), np.array([EOS], dtype=np.uint16)
+    packed = []
+    for ranges in segments:
+        parts = [bos]
+        for start, end in ranges:
+            parts += [flat[start:end], eos]
+        packed.append(np.concatenate(parts))
+    return packed
 
 
 @functools.lru_cache(maxsize=4)
@@ -281,7 +296,7 @@ def load_text_tokenizer(url: str) -> TextTokenizer:
     handle = tempfile.NamedTemporaryFile(suffix=".model", delete=False)
     handle.write(data)
     handle.close()
-    return TextTokenizer(handle.name)
+    return TextTokenizer(handle.name, num_threads=1)  # a Ray task is one core
 
 
 def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
@@ -295,12 +310,14 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     except (StorageError, OSError, EOFError):
         work.skip(text_file.source, "unreadable_file")
         return work
-    bodies = [ids[1:-1] for ids in tokenizer.encode_batch(documents)]
+    bodies = tokenizer.encode_batch(documents, with_specials=False)
+    provenance = json_bytes({"file": text_file.name, "source": text_file.source})[:-1] + b',"segment":'
+
     for segment_index, segment in enumerate(pack_documents(bodies, config.text_len)):
         work.add(text_file.source, {
             "__key__": f"{text_file.source}-{text_file.index:06d}-{segment_index:07d}",
-            "ids.npy": npy_bytes(np.asarray(segment, dtype=np.uint16)),
-            "json": json_bytes({"source": text_file.source, "file": text_file.name, "segment": segment_index}),
+            "ids.npy": npy_bytes(segment),
+            "json": provenance + b"%d}" % segment_index,  # the shared part is encoded once per file
         })
     return work
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow
 import pyarrow.parquet
+import zstandard
 from PIL import Image
 
 from beit3.tokenizers.text_training import train_text_tokenizer
@@ -77,7 +78,10 @@ def make_text(root: Path) -> list[str]:
     records = [json.dumps({"text": DOCUMENTS[3]}), "{not json", json.dumps({"text": ""}),
                json.dumps({"text": DOCUMENTS[4]})]
     (root / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(records).encode()))
-    return [*DOCUMENTS[:3], "broken \ufffd\ufffd bytes and a NUL here", " ".join(DOCUMENTS[3].split()), DOCUMENTS[4]]
+    paragraphs = "A paragraph\nthat spans two lines.\n\nAnother paragraph."
+    (root / "c.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(paragraphs.encode()))
+    return [*DOCUMENTS[:3], "broken \ufffd\ufffd bytes and a NUL here", " ".join(DOCUMENTS[3].split()), DOCUMENTS[4],
+            "A paragraph", "that spans two lines.", "Another paragraph."]
 
 
 def make_spm(root: Path) -> Path:

@@ -16,7 +16,8 @@ from beit3.config import ConfigError, validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.job import build, summary_table
 from beit3.data_pipeline.manifest import ManifestMismatch
-from beit3.data_pipeline.processing import pack_documents
+from beit3.data_pipeline.processing import ShardWork, iter_documents, pack_documents
+from beit3.data_pipeline.sources import ShardPlan, TextFile
 from beit3.data_pipeline.views import View, render_view
 from beit3.tokenizers.text import TextTokenizer
 from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
@@ -172,9 +173,15 @@ def test_per_class_tars_are_read_like_folders(ray_instance, inputs, tmp_path):
 
 
 def test_packing_keeps_documents_whole_when_they_fit():
-    assert pack_documents([[5, 6], [7, 8, 9], [10]], text_len=8) == [[0, 5, 6, 2, 7, 8, 9, 2], [0, 10, 2]]
-    assert pack_documents([list(range(10, 23))], text_len=8) == [[0, 10, 11, 12, 13, 14, 15, 2],
-                                                                  [0, 16, 17, 18, 19, 20, 21, 2], [0, 22, 2]]
+    def packed(documents, text_len):
+        return [segment.tolist() for segment in pack_documents(documents, text_len)]
+
+    assert packed([[5, 6], [7, 8, 9], [10]], text_len=8) == [[0, 5, 6, 2, 7, 8, 9, 2], [0, 10, 2]]
+    assert packed([list(range(10, 23))], text_len=8) == [[0, 10, 11, 12, 13, 14, 15, 2],
+                                                         [0, 16, 17, 18, 19, 20, 21, 2], [0, 22, 2]]
+    assert packed([[5, 6, 7], list(range(10, 17)), [8]], text_len=8) == [
+        [0, 5, 6, 7, 2], [0, 10, 11, 12, 13, 14, 15, 2], [0, 16, 2, 8, 2]]
+    assert packed([], text_len=8) == []
 
 
 def test_config_errors_name_the_field(inputs, tmp_path):
@@ -222,3 +229,10 @@ def test_table_without_the_configured_columns_fails_before_work(inputs, tmp_path
     with pytest.raises(ValueError, match="has no column 'image', 'caption' \\(columns: url, text\\)"):
         build(validate_config(DataConfig, raw, "pairs"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_paragraph_documents_and_whitespace(tmp_path):
+    (tmp_path / "book.txt").write_text("First paragraph\nwraps here.\n\n\nSecond  one.\n", encoding="utf-8")
+    work = ShardWork(ShardPlan("text", 0, ()))
+    documents = list(iter_documents(TextFile("books", str(tmp_path), "book.txt", 0), "text", "paragraph", work))
+    assert documents == ["First paragraph wraps here.", "Second one."] and not work.skipped

@@ -41,7 +41,7 @@ def test_killed_driver_then_rerun_equals_an_uninterrupted_run(tmp_path):
     good = make_imagenet(root / "imagenet", per_class=20)
     make_text(root / "text")
     spm = make_spm(root)
-    expected_shards = len(good) + 4 + 2  # one image per shard (bad ones give empty shards) + two text files
+    expected_shards = len(good) + 4 + 3  # one image per shard (bad ones give empty shards) + three text files
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     killed_config = write_config(tmp_path / "killed.yaml", killed, root, spm)
 

@@ -90,11 +90,15 @@ class TextTokenizer:
         """One text to `[bos] + ids + [eos]`, truncated so that the whole is at most `max_len` ids."""
         return self.encode_batch([text], max_len)[0]
 
-    def encode_batch(self, texts: list[str], max_len: int | None = None) -> list[list[int]]:
-        """Many texts at once, encoded in parallel by SentencePiece."""
+    def encode_batch(
+        self, texts: list[str], max_len: int | None = None, with_specials: bool = True
+    ) -> list[list[int]]:
+        """Many texts at once, encoded in parallel by SentencePiece (`with_specials=False`: no bos/eos, for
+        packing several documents into one sequence)."""
         if max_len is not None and max_len < 2:
             raise ValueError(f"max_len must leave room for bos and eos (got {max_len})")
-        sequences = self.layout.Encode(list(texts), add_bos=True, add_eos=True, num_threads=self.num_threads)
+        sequences = self.layout.Encode(list(texts), add_bos=with_specials, add_eos=with_specials,
+                                       num_threads=self.num_threads)
         if max_len is not None and sequences and max(map(len, sequences)) > max_len:
             for sequence in sequences:
                 if len(sequence) > max_len:
