@@ -10,7 +10,6 @@ the whole Ray job on the same inputs is timed too, for the scheduling overhead a
 """
 
 import argparse
-import io
 import statistics
 import sys
 import sysconfig
