@@ -27,6 +27,7 @@ benchmarks: $(INSTALLED)
 	$(BIN)/python benchmarks/model_speed.py
 	$(BIN)/python benchmarks/tokenizer_speed.py
 	$(BIN)/python benchmarks/masking_speed.py
+	$(BIN)/python benchmarks/pipeline_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
