@@ -17,20 +17,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from beit3.pretrain.masking import BlockMasking, TextMasking, masked_patch_count, sample_seed
-
-
-def synthetic_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    x, y = np.meshgrid(np.linspace(0, 1, 500), np.linspace(0, 1, 375))
-    encoded = []
-    for _ in range(count):
-        phase = rng.random(3) * 6
-        pixels = np.stack([np.sin(x * 7 + y * 3 + p) for p in phase], axis=-1) * 100 + 128
-        pixels += rng.normal(0, 12, pixels.shape)
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    return encoded
+from synthetic_inputs import synthetic_jpegs
 
 
 def timed(work) -> float:

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import sentencepiece
 import torch
 from PIL import Image
@@ -30,20 +29,16 @@ from beit3.data_pipeline.sources import plan_shards
 from beit3.data_pipeline.storage import open_storage
 from beit3.data_pipeline.views import resize_shorter_side
 from beit3.tokenizers.text_training import train_text_tokenizer
+from synthetic_inputs import synthetic_jpegs
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
-    """ImageNet-sized (500x375) smooth images with noise, as JPEG, in two class folders."""
-    rng = np.random.default_rng(0)
-    x, y = np.meshgrid(np.linspace(0, 1, 500), np.linspace(0, 1, 375))
+    """ImageNet-sized JPEGs in two class folders."""
     paths = []
-    for index in range(count):
-        phase = rng.random(3) * 6
-        pixels = np.stack([np.sin(x * 7 + y * 3 + p) for p in phase], axis=-1) * 100 + 128
-        pixels += rng.normal(0, 12, pixels.shape)
+    for index, data in enumerate(synthetic_jpegs(count)):
         path = folder / ("n01440764" if index % 2 else "n01443537") / f"{index:05d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        path.write_bytes(data)
         paths.append(path)
     return paths
 
