@@ -89,7 +89,11 @@ class DataConfig(_Strict):
     name: str
     output: str = Field(description="Local folder or s3:// prefix for the shards and the manifest.")
     seed: int = 0
-    samples_per_shard: int = Field(1000, gt=0)
+    samples_per_shard: int = Field(1000, gt=0, description="Images or pairs per shard.")
+    text_shard_bytes: int = Field(
+        64 * 2**20, gt=0, description="Uncompressed line-per-document corpus files are split into parts of this "
+        "many input bytes, one text shard each; compressed and paragraph files give one shard per file."
+    )
     sources: list[Source] = Field(min_length=1)
     image: ImageSettings = ImageSettings()
     visual_tokenizer: VisualTokenizerConfig | None = Field(

@@ -223,9 +223,36 @@ def _decompressed(name: str, data: bytes) -> bytes:
     return data
 
 
+LINE_SEARCH_BYTES = 1 << 16
+"""How far past a part's end to read at a time to finish its last line."""
+
+
+def read_whole_lines(storage, name: str, start: int, stop: int) -> bytes:
+    """The bytes of every line that begins in [start, stop): each line of a file in exactly one part."""
+    data = storage.read_range(name, max(start - 1, 0), stop)
+    if start > 0:
+        first = data.find(b"\n")  # data[0] is the byte before start: a line begins after each newline
+        data = data[first + 1 :] if first != -1 else b""
+    if not data:
+        return b""
+    position = stop
+    while not data.endswith(b"\n"):
+        more = storage.read_range(name, position, position + LINE_SEARCH_BYTES)
+        if not more:
+            break
+        end = more.find(b"\n")
+        data += more if end == -1 else more[: end + 1]
+        position += len(more)
+    return data
+
+
 def iter_documents(text_file: TextFile, text_field: str, documents: str, work: ShardWork):
-    """Documents of one corpus file; malformed JSON lines and empty documents are counted, not fatal."""
-    raw = _decompressed(text_file.name, open_storage(text_file.root).read_bytes(text_file.name))
+    """Documents of one corpus file or part; malformed JSON lines and empty documents are counted, not fatal."""
+    storage = open_storage(text_file.root)
+    if text_file.stop is None:
+        raw = _decompressed(text_file.name, storage.read_bytes(text_file.name))
+    else:
+        raw = read_whole_lines(storage, text_file.name, text_file.start, text_file.stop)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -300,7 +327,7 @@ def load_text_tokenizer(url: str) -> TextTokenizer:
 
 
 def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
-    """Tokenize every document of the shard's file and pack them into full-length segments."""
+    """Tokenize every document of the shard's file (or file part) and pack them into full-length segments."""
     work = ShardWork(plan)
     (text_file,) = plan.items
     source = next(s for s in config.sources if s.name == text_file.source)
@@ -311,13 +338,13 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
         work.skip(text_file.source, "unreadable_file")
         return work
     bodies = tokenizer.encode_batch(documents, with_specials=False)
-    provenance = json_bytes({"file": text_file.name, "source": text_file.source})[:-1] + b',"segment":'
-
+    shared = {"file": text_file.name, "source": text_file.source, "start_byte": text_file.start}
+    provenance = json_bytes(shared)[:-1] + b',"segment":'
     for segment_index, segment in enumerate(pack_documents(bodies, config.text_len)):
         work.add(text_file.source, {
             "__key__": f"{text_file.source}-{text_file.index:06d}-{segment_index:07d}",
             "ids.npy": npy_bytes(segment),
-            "json": provenance + b"%d}" % segment_index,  # the shared part is encoded once per file
+            "json": provenance + b"%d}" % segment_index,  # the shared part is encoded once per shard
         })
     return work
 

@@ -37,10 +37,14 @@ class ImageItem:
 
 @dataclass(frozen=True)
 class TextFile:
+    """A corpus file, or the lines of it that begin in bytes [start, stop) (stop None: the whole file)."""
+
     source: str
     root: str
     name: str
     index: int
+    start: int = 0
+    stop: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,8 +99,9 @@ def list_imagenet(source: ImageNetSource) -> list[ImageItem]:
             for index, (name, member, label) in enumerate(sorted(found, key=lambda f: (f[0], f[1] or "")))]
 
 
-def list_text(source: TextSource) -> list[TextFile]:
-    """The corpus files a text source names: files directly, or every text file inside a named folder."""
+def list_text(source: TextSource, part_bytes: int) -> list[TextFile]:
+    """The corpus files a text source names (files directly, or every text file inside a named folder), with
+    uncompressed line-per-document files cut into parts of `part_bytes`."""
     files: list[tuple[str, str]] = []
     for path in source.paths:
         root, _, name = path.rstrip("/").rpartition("/")
@@ -108,7 +113,16 @@ def list_text(source: TextSource) -> list[TextFile]:
         if not inside:
             raise FileNotFoundError(f"source {source.name}: no text files at {path}")
         files.extend((path, n) for n in inside)
-    return [TextFile(source.name, root, name, index) for index, (root, name) in enumerate(files)]
+    parts = []
+    for root, name in files:
+        splittable = name.endswith((".txt", ".jsonl")) and (name.endswith(".jsonl") or source.documents == "line")
+        size = open_storage(root).size(name) if splittable else 0
+        if size > part_bytes:
+            parts += [(root, name, start, min(start + part_bytes, size)) for start in range(0, size, part_bytes)]
+        else:
+            parts.append((root, name, 0, None))
+    return [TextFile(source.name, root, name, index, start, stop)
+            for index, (root, name, start, stop) in enumerate(parts)]
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -178,7 +192,7 @@ def plan_shards(config: DataConfig) -> list[ShardPlan]:
         if isinstance(source, ImageNetSource):
             images += list_imagenet(source)
         elif isinstance(source, TextSource):
-            texts += list_text(source)
+            texts += list_text(source, config.text_shard_bytes)
         elif isinstance(source, TablePairSource):
             pairs += list_pair_table(source)
         elif isinstance(source, CocoPairSource):

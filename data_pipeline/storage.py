@@ -33,6 +33,10 @@ class Storage(Protocol):
 
     def read_bytes(self, name: str) -> bytes: ...
 
+    def read_range(self, name: str, start: int, stop: int) -> bytes: ...
+
+    def size(self, name: str) -> int: ...
+
     def write_atomic(self, name: str, data: bytes) -> None: ...
 
     def upload_atomic(self, name: str, local_path: Path) -> None: ...
@@ -57,6 +61,20 @@ class LocalStorage:
     def read_bytes(self, name: str) -> bytes:
         try:
             return self._path(name).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.url(name)}: not found") from None
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        try:
+            with self._path(name).open("rb") as handle:
+                handle.seek(start)
+                return handle.read(max(0, stop - start))
+        except FileNotFoundError:
+            raise StorageError(f"{self.url(name)}: not found") from None
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
         except FileNotFoundError:
             raise StorageError(f"{self.url(name)}: not found") from None
 
@@ -103,6 +121,23 @@ class S3Storage:
     def read_bytes(self, name: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except ClientError as error:
+            raise StorageError(f"{self.url(name)}: {error.response['Error'].get('Code', error)}") from None
+
+    def read_range(self, name: str, start: int, stop: int) -> bytes:
+        if stop <= start:
+            return b""
+        try:
+            byte_range = f"bytes={start}-{stop - 1}"
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name), Range=byte_range)["Body"].read()
+        except ClientError as error:
+            if error.response["Error"].get("Code") == "InvalidRange":
+                return b""
+            raise StorageError(f"{self.url(name)}: {error.response['Error'].get('Code', error)}") from None
+
+    def size(self, name: str) -> int:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"]
         except ClientError as error:
             raise StorageError(f"{self.url(name)}: {error.response['Error'].get('Code', error)}") from None
 

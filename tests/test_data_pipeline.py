@@ -16,8 +16,9 @@ from beit3.config import ConfigError, validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.job import build, summary_table
 from beit3.data_pipeline.manifest import ManifestMismatch
-from beit3.data_pipeline.processing import ShardWork, iter_documents, pack_documents
-from beit3.data_pipeline.sources import ShardPlan, TextFile
+from beit3.data_pipeline.processing import ShardWork, iter_documents, pack_documents, read_whole_lines
+from beit3.data_pipeline.sources import ShardPlan, TextFile, plan_shards
+from beit3.data_pipeline.storage import open_storage
 from beit3.data_pipeline.views import View, render_view
 from beit3.tokenizers.text import TextTokenizer
 from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
@@ -236,3 +237,27 @@ def test_paragraph_documents_and_whitespace(tmp_path):
     work = ShardWork(ShardPlan("text", 0, ()))
     documents = list(iter_documents(TextFile("books", str(tmp_path), "book.txt", 0), "text", "paragraph", work))
     assert documents == ["First paragraph wraps here.", "Second one."] and not work.skipped
+
+
+@pytest.mark.parametrize("part_bytes", [1, 7, 30, 64, 10_000])
+def test_file_parts_hold_every_line_exactly_once(tmp_path, part_bytes, monkeypatch):
+    monkeypatch.setattr("beit3.data_pipeline.processing.LINE_SEARCH_BYTES", 5)
+    lines = ["first line", "", "a much longer second line with words", "x", "last line without newline"]
+    (tmp_path / "c.txt").write_text("\n".join(lines), encoding="utf-8")
+    storage = open_storage(tmp_path)
+    size = storage.size("c.txt")
+    parts = [read_whole_lines(storage, "c.txt", start, min(start + part_bytes, size))
+             for start in range(0, size, part_bytes)]
+    assert b"".join(parts).decode().split("\n") == lines
+    assert all(part == b"" or part.endswith(b"\n") or part.endswith(b"newline") for part in parts)
+
+
+def test_large_corpus_files_are_split_into_shards(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "big.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(40)))
+    raw = data_config(str(tmp_path / "out"), "x", str(tmp_path / "text"), "spm.model", text_shard_bytes=100,
+                      sources=[{"kind": "text", "name": "corpus", "paths": [str(tmp_path / "text")]}])
+    plans = plan_shards(validate_config(DataConfig, raw, "t"))
+    assert len(plans) > 5 and all(p.kind == "text" for p in plans)
+    assert [p.items[0].start for p in plans] == list(range(0, 100 * len(plans), 100))
+    assert len({p.items[0].index for p in plans}) == len(plans)

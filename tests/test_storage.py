@@ -68,3 +68,13 @@ def test_unsupported_urls_are_refused():
         open_storage("gs://bucket/x")
     with pytest.raises(StorageError, match="no bucket"):
         open_storage("s3:///x")
+
+
+def test_ranges_and_sizes(storage):
+    storage.write_atomic("corpus.txt", b"0123456789")
+    assert storage.size("corpus.txt") == 10
+    assert storage.read_range("corpus.txt", 2, 5) == b"234"
+    assert storage.read_range("corpus.txt", 8, 20) == b"89"
+    assert storage.read_range("corpus.txt", 10, 12) == b"" and storage.read_range("corpus.txt", 4, 4) == b""
+    with pytest.raises(StorageError, match="absent.txt"):
+        storage.size("absent.txt")
