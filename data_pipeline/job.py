@@ -21,7 +21,7 @@ from beit3.tokenizers.visual import build_visual_tokenizer
 
 from .config import DataConfig
 from .manifest import Manifest, load_or_start
-from .processing import add_codes, finish_shard, prepare_images, prepare_pairs, prepare_text
+from .processing import add_codes, finish_shard, local_copy, prepare_images, prepare_pairs, prepare_text
 from .sources import plan_shards
 from .storage import open_storage
 
@@ -38,8 +38,10 @@ class _VisualCodes:
     """An actor holding one visual tokenizer, on the GPU Ray gave it or on the CPU."""
 
     def __init__(self, config_json: str):
-        config = DataConfig.model_validate_json(config_json)
-        self.tokenizer, _ = build_visual_tokenizer(config.visual_tokenizer)
+        settings = DataConfig.model_validate_json(config_json).visual_tokenizer
+        if settings.checkpoint:
+            settings = settings.model_copy(update={"checkpoint": local_copy(settings.checkpoint)})
+        self.tokenizer, _ = build_visual_tokenizer(settings)
         if torch.cuda.is_available():
             self.tokenizer = self.tokenizer.cuda()
 

@@ -315,15 +315,21 @@ def pack_documents(documents: list[list[int]], text_len: int) -> list[np.ndarray
     return packed
 
 
+@functools.lru_cache(maxsize=8)
+def local_copy(url: str) -> str:
+    """A local path for a file given as a local path or an s3:// URL (fetched once per worker process)."""
+    if not url.startswith("s3://"):
+        return url
+    root, _, name = url.rpartition("/")
+    with tempfile.NamedTemporaryFile(suffix=f"-{name}", delete=False) as handle:
+        handle.write(open_storage(root).read_bytes(name))
+    return handle.name
+
+
 @functools.lru_cache(maxsize=4)
 def load_text_tokenizer(url: str) -> TextTokenizer:
-    """The SentencePiece model at a local path or s3:// URL, fetched once per worker process."""
-    root, _, name = url.rpartition("/")
-    data = open_storage(root or ".").read_bytes(name)
-    handle = tempfile.NamedTemporaryFile(suffix=".model", delete=False)
-    handle.write(data)
-    handle.close()
-    return TextTokenizer(handle.name, num_threads=1)  # a Ray task is one core
+    """The SentencePiece model at a local path or s3:// URL, loaded once per worker process."""
+    return TextTokenizer(local_copy(url), num_threads=1)  # a Ray task is one core
 
 
 def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:

@@ -78,3 +78,13 @@ def test_ranges_and_sizes(storage):
     assert storage.read_range("corpus.txt", 10, 12) == b"" and storage.read_range("corpus.txt", 4, 4) == b""
     with pytest.raises(StorageError, match="absent.txt"):
         storage.size("absent.txt")
+
+
+def test_local_copy_fetches_s3_files_once(s3_bucket, tmp_path):
+    from beit3.data_pipeline.processing import local_copy
+
+    storage = open_storage(f"s3://{s3_bucket}/tokenizers")
+    storage.write_atomic("vqkd.pth", b"weights")
+    path = local_copy(f"s3://{s3_bucket}/tokenizers/vqkd.pth")
+    assert open(path, "rb").read() == b"weights" and path == local_copy(f"s3://{s3_bucket}/tokenizers/vqkd.pth")
+    assert local_copy(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth")

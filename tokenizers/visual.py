@@ -33,7 +33,9 @@ class VisualTokenizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["vqkd", "random"] = "vqkd"
-    checkpoint: str | None = Field(None, description="Official VQ-KD checkpoint (kind: vqkd).")
+    checkpoint: str | None = Field(
+        None, description="Official VQ-KD checkpoint (kind: vqkd): a local path; the data pipeline also takes s3://."
+    )
     seed: int = Field(0, description="Weights of a random-init tokenizer (kind: random, or vqkd without checkpoint).")
     codebook_size: int = Field(8192, gt=1)
     code_dim: int = Field(32, gt=0)
