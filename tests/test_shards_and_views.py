@@ -65,6 +65,11 @@ def test_views_are_seeded_inside_the_image_and_do_not_touch_global_rng():
     assert views == choose_views(image, 4, seed=99) and views != choose_views(image, 4, seed=100)
     for view in views:
         assert 0 <= view.top and view.top + view.height <= 240 and 0 <= view.left and view.left + view.width <= 320
+    areas = [v.height * v.width / (320 * 240) for seed in range(200) for v in choose_views(image, 1, seed)]
+    assert 0.08 <= min(areas) < 0.2 and max(areas) > 0.8
+    aspects = [v.width / v.height for seed in range(200) for v in choose_views(image, 1, seed)]
+    assert min(aspects) >= 0.74 and max(aspects) <= 1.34
+    assert choose_views(Image.new("RGB", (1000, 10)), 1, 0, scale=(0.99, 1.0))[0].width == 13  # centre fallback
     flips = {view.flip for seed in range(40) for view in choose_views(image, 1, seed)}
     assert flips == {True, False}
     assert View.from_json(views[0].to_json()) == views[0]
