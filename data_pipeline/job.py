@@ -2,13 +2,13 @@
 
 One row per shard flows through the stages: prepare (read, validate, resize, choose views; tokenize and pack
 text) -> visual codes (an actor pool, one GPU per actor when the cluster has GPUs) -> write (tar to storage).
-The driver adds each written shard to the manifest as it arrives. Shards already in the manifest are skipped,
-so a re-run after an interruption finishes the job with the same result as an uninterrupted run.
+The driver adds each written shard to the manifest as it arrives (saving it every twentieth of progress and at
+the end). Shards already in the manifest are skipped, so a re-run after an interruption finishes the job with
+the same result as an uninterrupted run.
 """
 
 import json
 import logging
-import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -90,9 +90,7 @@ def build(config: DataConfig, ray_address: str | None = None, progress: bool = T
 def _run(config, todo, manifest, storage, address, progress):
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-                 **({} if address else {"num_cpus": os.cpu_count()}))
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
@@ -107,11 +105,20 @@ def _run(config, todo, manifest, storage, address, progress):
             dataset = dataset.map(_VisualCodes, fn_constructor_kwargs={"config_json": config_json},
                                   concurrency=config.ray.tokenizer_actors, num_gpus=gpus)
         dataset = dataset.map(_write, fn_kwargs={"output": config.output})
+        unsaved = 0
         with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
-            for row in dataset.iter_rows():
-                manifest.add(json.loads(row["entry"]))
+            try:
+                for row in dataset.iter_rows():
+                    manifest.add(json.loads(row["entry"]))
+                    unsaved += 1
+                    # Rewriting the whole manifest after every shard would cost quadratic bytes on a long job;
+                    # saving after a twentieth more keeps the total linear. Unsaved shards are simply redone.
+                    if unsaved >= max(1, len(manifest.shards) // 20):
+                        manifest.save(storage)
+                        unsaved = 0
+                    bar.update()
+            finally:
                 manifest.save(storage)
-                bar.update()
     finally:
         if started_here:
             ray.shutdown()

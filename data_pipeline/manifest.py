@@ -2,8 +2,8 @@
 
 A planned shard whose every input was skipped is listed with zero samples and has no file.
 
-It is rewritten atomically after each shard completes, and a shard enters it only once its tar is fully
-stored, so the manifest never names a partial shard. It also records a digest of the content-defining
+It is rewritten atomically as shards complete, and a shard enters it only once its tar is fully stored, so
+the manifest never names a partial shard. It also records a digest of the content-defining
 config, so that a resumed job refuses to mix shards built under different settings.
 """
 
