@@ -101,6 +101,7 @@ class DataConfig(_Strict):
     )
     text_tokenizer: str | None = Field(None, description="SentencePiece model; required by text sources.")
     text_len: int = Field(128, gt=2, description="Tokens per packed monomodal text segment.")
+    text_segments_per_sample: int = Field(64, gt=0, description="Segments stored together per text tar entry.")
     caption_len: int = Field(64, gt=2, description="Longest caption in tokens; longer ones are truncated.")
     ray: RaySettings = RaySettings()
 

@@ -4,7 +4,8 @@ Per sample (fields present by kind):
 - `jpg`: the image, resized to the configured shorter side and re-encoded;
 - `codes.npy`: uint16 visual codes, [views, rows, cols], one grid per stored view;
 - `views.json`: the crop box and flip of each view, in the stored image's pixels;
-- `ids.npy`: uint16 text ids (XLM-R layout: bos ... eos, unpadded);
+- `ids.npy`: uint16 text ids (XLM-R layout: bos ... eos): a caption's, unpadded, in pair shards; in text
+  shards a [segments, text_len] block of packed segments right-padded with `<pad>` (1);
 - `json`: provenance (source, file, index within it, label when there is one).
 
 Tar members carry fixed owners and timestamps, so the same samples always give the same bytes and sha256.
@@ -92,14 +93,16 @@ def tar_bytes(samples: list[dict[str, bytes]]) -> bytes:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """A finished shard as the manifest lists it."""
+    """A finished shard as the manifest lists it: training samples (images, pairs, text segments), tar
+    entries, bytes and sha256."""
 
     name: str
     kind: str
     samples: int
+    entries: int
     bytes: int
     sha256: str | None
 
     @classmethod
-    def of(cls, name: str, kind: str, samples: int, data: bytes) -> "ShardRecord":
-        return cls(name, kind, samples, len(data), hashlib.sha256(data).hexdigest())
+    def of(cls, name: str, kind: str, samples: int, entries: int, data: bytes) -> "ShardRecord":
+        return cls(name, kind, samples, entries, len(data), hashlib.sha256(data).hexdigest())

@@ -100,6 +100,7 @@ def data_config(output: str, imagenet: str, text: str, spm: str, **overrides) ->
                     {"kind": "text", "name": "corpus", "paths": [text]}],
         "text_tokenizer": spm,
         "text_len": 16,
+        "text_segments_per_sample": 3,
         "image": {"shorter_side": 96, "views_per_image": 2, "tokenizer_view_size": 64,
                   "max_pixels": BOMB_PIXELS_CAP},
         "visual_tokenizer": {"kind": "random", "seed": 0, "codebook_size": 512},

@@ -103,8 +103,11 @@ def test_codes_belong_to_the_stored_views(local_build):
 def test_text_is_tokenized_and_packed_without_loss(local_build, inputs):
     config, result, output = local_build
     tokenizer = TextTokenizer(inputs["spm"])
-    segments = [np.load(io.BytesIO(s["ids.npy"])).tolist() for s in read_shards(output, "text")]
-    assert all(s[0] == 0 and s[-1] == 2 and len(s) <= 16 for s in segments)
+    blocks = [np.load(io.BytesIO(s["ids.npy"])) for s in read_shards(output, "text")]
+    assert all(block.dtype == np.uint16 and block.shape[1] == 16 and 1 <= len(block) <= 3 for block in blocks)
+    segments = [row[row != 1].tolist() for block in blocks for row in block]  # pads only trail a segment
+    assert all(s[0] == 0 and s[-1] == 2 for s in segments)
+    assert sum(len(block) for block in blocks) == result.manifest.totals()["corpus"]["written"]
     packed = [i for s in segments for i in s[1:-1] if i != 2]  # documents never contain eos: it separates them
     assert packed == [i for ids in tokenizer.encode_batch(inputs["documents"]) for i in ids[1:-1]]
     totals = result.manifest.totals()["corpus"]
@@ -119,8 +122,9 @@ def test_manifest_matches_the_files(local_build):
     for entry in filter(lambda e: e["samples"], document["shards"]):
         data = (output / entry["name"]).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
-        assert entry["samples"] == sum(1 for _ in webdataset.WebDataset(str(output / entry["name"]),
+        assert entry["entries"] == sum(1 for _ in webdataset.WebDataset(str(output / entry["name"]),
                                                                            shardshuffle=False))
+        assert entry["samples"] == sum(entry["written"].values())
     stored = sorted(e["name"] for e in document["shards"] if e["samples"])
     assert stored == sorted(p.name for p in output.glob("*.tar"))
 

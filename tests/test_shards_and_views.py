@@ -34,7 +34,7 @@ def samples():
 def test_shard_bytes_are_reproducible(tmp_path):
     first, second = tar_bytes(samples()), tar_bytes(samples())
     assert first == second
-    record = ShardRecord.of(shard_name("image", 3), "image", 5, first)
+    record = ShardRecord.of(shard_name("image", 3), "image", 5, 5, first)
     assert record.name == "image-000003.tar" and record.sha256 == hashlib.sha256(first).hexdigest()
     assert record.bytes == len(first)
 
