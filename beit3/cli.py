@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:  # config, tokenizer-file and input errors say what is wrong
+    except (ValueError, OSError) as error:  # config, file, storage and input errors say what is wrong
         print(f"beit3 {args.command}: {error}", file=sys.stderr)
         return 2
 
