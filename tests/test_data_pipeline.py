@@ -265,3 +265,16 @@ def test_large_corpus_files_are_split_into_shards(tmp_path):
     assert len(plans) > 5 and all(p.kind == "text" for p in plans)
     assert [p.items[0].start for p in plans] == list(range(0, 100 * len(plans), 100))
     assert len({p.items[0].index for p in plans}) == len(plans)
+
+
+def test_data_build_command_reports_bad_configs_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "data.yaml"
+    config.write_text("name: x\noutput: out\nsamples_per_shard: 0\nsources: []\n")
+    beit3 = Path(sys.executable).parent / "beit3"
+    result = subprocess.run([str(beit3), "data", "build", "--config", str(config)], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "samples_per_shard: Input should be greater than 0" in result.stderr and "sources:" in result.stderr
