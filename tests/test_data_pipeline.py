@@ -3,6 +3,9 @@
 import hashlib
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -268,10 +271,6 @@ def test_large_corpus_files_are_split_into_shards(tmp_path):
 
 
 def test_data_build_command_reports_bad_configs_without_a_traceback(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     config = tmp_path / "data.yaml"
     config.write_text("name: x\noutput: out\nsamples_per_shard: 0\nsources: []\n")
     beit3 = Path(sys.executable).parent / "beit3"
