@@ -20,12 +20,12 @@ from torchvision.transforms.v2 import functional as TF
 
 from beit3.pretrain.masking import sample_seed
 from beit3.tokenizers.images import ImageDecodeError, decode_image
-from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer
+from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer, truncate
 from beit3.tokenizers.visual import VisualTokenizer
 
 from .config import DataConfig
 from .shards import ShardRecord, json_bytes, npy_bytes, tar_bytes
-from .sources import ImageItem, PairTar, ShardPlan, TextFile
+from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile
 from .storage import StorageError, open_storage
 from .views import choose_views, render_view, resize_shorter_side
 
@@ -53,34 +53,28 @@ class ShardWork:
         self.skipped[(source, reason)] += 1
 
 
-def _read_image_bytes(items: list[ImageItem], work: ShardWork):
-    """(item, bytes) for every readable item, opening each per-class tar once."""
-    by_tar: dict[tuple[str, str], list[ImageItem]] = {}
-    for item in items:
-        if item.member is None:
-            try:
-                yield item, open_storage(item.root).read_bytes(item.name)
-            except StorageError:
-                work.skip(item.source, "unreadable")
-        else:
-            by_tar.setdefault((item.root, item.name), []).append(item)
-    for (root, name), members in by_tar.items():
+def _tar_members(source: str, root: str, name: str, work: ShardWork) -> dict[str, dict[str, bytes]]:
+    """Files of an input tar grouped by sample key (the name before the first dot): {key: {extension: bytes}}.
+    An unreadable or truncated tar is counted; members read before the damage are kept."""
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(open_storage(root).read_bytes(name)))
+    except (StorageError, tarfile.TarError):
+        work.skip(source, "unreadable_tar")
+        return {}
+    members: dict[str, dict[str, bytes]] = {}
+    with archive:
         try:
-            archive = tarfile.open(fileobj=io.BytesIO(open_storage(root).read_bytes(name)))
-        except (StorageError, tarfile.TarError):
-            for item in members:
-                work.skip(item.source, "unreadable")
-            continue
-        with archive:
-            for item in members:
-                try:
-                    yield item, archive.extractfile(item.member).read()
-                except (KeyError, AttributeError, tarfile.TarError, OSError):
-                    work.skip(item.source, "unreadable")
+            for member in archive:
+                if member.isfile():
+                    key, _, extension = member.name.rpartition("/")[2].partition(".")
+                    members.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError):
+            work.skip(source, "truncated_tar")
+    return members
 
 
 def _image_fields(
-    work: ShardWork, source: str, index: int, data: bytes, origin: str, config: DataConfig
+    work: ShardWork, source: str, view_seed: int, data: bytes, origin: str, config: DataConfig
 ) -> dict | None:
     """Decode, validate, resize and choose views for one image; None (and a counted skip) if it is unusable.
 
@@ -93,8 +87,8 @@ def _image_fields(
         work.skip(source, error.reason)
         return None
     image = resize_shorter_side(image, settings.shorter_side)
-    views = choose_views(image, settings.views_per_image, sample_seed(config.seed, source, index),
-                         settings.crop_scale, settings.crop_ratio, settings.flip_probability)
+    views = choose_views(image, settings.views_per_image, view_seed, settings.crop_scale, settings.crop_ratio,
+                         settings.flip_probability)
     encoded = io.BytesIO()
     image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
     if config.visual_tokenizer is not None:
@@ -105,18 +99,36 @@ def _image_fields(
     return {"jpg": encoded.getvalue(), "views.json": json_bytes([view.to_json() for view in views])}
 
 
+def _image_entries(items: tuple, work: ShardWork):
+    """(source, key, seed position, image bytes, provenance) per image of a class-folder chunk (which may span
+    sources) or of one per-class tar."""
+    if isinstance(items[0], ImageTar):
+        (image_tar,) = items
+        members = _tar_members(image_tar.source, image_tar.root, image_tar.name, work)
+        images = sorted((key, data) for key, files in members.items() for extension, data in files.items()
+                        if f".{extension}".endswith(IMAGE_SUFFIXES))
+        for position, (key, data) in enumerate(images):
+            yield (image_tar.source, f"{image_tar.source}-{image_tar.index:06d}-{position:06d}",
+                   (image_tar.index, position), data, {"file": image_tar.name, "member": key, "label": image_tar.label})
+        return
+    for item in items:
+        try:
+            data = open_storage(item.root).read_bytes(item.name)
+        except StorageError:
+            work.skip(item.source, "unreadable")
+            continue
+        yield item.source, f"{item.source}-{item.index:09d}", (item.index,), data, {"file": item.name,
+                                                                                   "label": item.label}
+
+
 def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Decode, validate, resize, choose views; keep the tokenizer-sized view pixels for the next stage."""
     work = ShardWork(plan)
-    for item, data in _read_image_bytes(list(plan.items), work):
-        origin = f"{item.root}/{item.name}:{item.member or ''}"
-        fields = _image_fields(work, item.source, item.index, data, origin, config)
+    for source, key, position, data, provenance in _image_entries(plan.items, work):
+        view_seed = sample_seed(config.seed, source, *position)
+        fields = _image_fields(work, source, view_seed, data, f"{source}:{provenance['file']}", config)
         if fields is not None:
-            work.add(item.source, {
-                "__key__": f"{item.source}-{item.index:09d}", **fields,
-                "json": json_bytes({"source": item.source, "file": item.name, "member": item.member,
-                                    "index": item.index, "label": item.label}),
-            })
+            work.add(source, {"__key__": key, **fields, "json": json_bytes({"source": source, **provenance})})
     return work
 
 
@@ -128,32 +140,15 @@ def _caption_ids(work: ShardWork, source: str, caption: str, config: DataConfig)
     ids = load_text_tokenizer(config.text_tokenizer).encode(caption)
     if len(ids) > config.caption_len:
         work.repaired[(source, "caption_truncated")] += 1
-        ids = [*ids[: config.caption_len - 1], EOS]
+        ids = truncate(ids, config.caption_len)
     return ids
 
 
-TAR_SAMPLE_STRIDE = 10**6
-"""Pairs of input tar i get indices i * stride + position: unique within a source for tars under a million."""
-
-
 def _pairs_of_tar(pair_tar: PairTar, work: ShardWork):
-    """(source, index, image bytes, caption, provenance) per sample of a downloader-layout tar."""
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(open_storage(pair_tar.root).read_bytes(pair_tar.name)))
-    except (StorageError, tarfile.TarError):
-        work.skip(pair_tar.source, "unreadable_tar")
-        return
-    fields: dict[str, dict[str, bytes]] = {}
-    with archive:
-        try:
-            for member in archive:
-                if member.isfile():
-                    key, _, extension = member.name.rpartition("/")[2].partition(".")
-                    fields.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError):
-            work.skip(pair_tar.source, "truncated_tar")
-    for position, key in enumerate(sorted(fields)):
-        sample = fields[key]
+    """(source, key, seed position, image bytes, caption, provenance) per sample of a downloader-layout tar."""
+    members = _tar_members(pair_tar.source, pair_tar.root, pair_tar.name, work)
+    for position, key in enumerate(sorted(members)):
+        sample = members[key]
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if image is None:
             work.skip(pair_tar.source, "missing_image")
@@ -164,31 +159,35 @@ def _pairs_of_tar(pair_tar: PairTar, work: ShardWork):
         caption = sample["txt"].decode("utf-8", errors="replace")
         if "\ufffd" in caption:
             work.repaired[(pair_tar.source, "invalid_utf8_replaced")] += 1
-        index = pair_tar.index * TAR_SAMPLE_STRIDE + position
-        yield pair_tar.source, index, image, caption, {"file": pair_tar.name, "key": key}
+        yield (pair_tar.source, f"{pair_tar.source}-{pair_tar.index:06d}-{position:06d}", (pair_tar.index, position),
+               image, caption, {"file": pair_tar.name, "key": key})
 
 
 def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Image-text pairs: the image as for images, the caption tokenized (and truncated to caption_len)."""
     work = ShardWork(plan)
-    entries = _pairs_of_tar(plan.items[0], work) if isinstance(plan.items[0], PairTar) else _pairs_of_table(
-        plan.items, work)
-    for source, index, image, caption, provenance in entries:
+    if isinstance(plan.items[0], PairTar):
+        entries = _pairs_of_tar(plan.items[0], work)
+    else:
+        entries = _pairs_of_table(plan.items, work)
+    for source, key, position, image, caption, provenance in entries:
         ids = _caption_ids(work, source, caption, config)
         if ids is None:
             continue
-        fields = _image_fields(work, source, index, image, f"{source}:{provenance}", config)
+        view_seed = sample_seed(config.seed, source, *position)
+        fields = _image_fields(work, source, view_seed, image, f"{source}:{provenance['file']}", config)
         if fields is not None:
             work.add(source, {
-                "__key__": f"{source}-{index:012d}", **fields,
+                "__key__": key, **fields,
                 "ids.npy": npy_bytes(np.asarray(ids, dtype=np.uint16)),
-                "json": json_bytes({"source": source, "index": index, "caption": caption, **provenance}),
+                "json": json_bytes({"source": source, "caption": caption, **provenance}),
             })
     return work
 
 
 def _pairs_of_table(items: tuple, work: ShardWork):
-    """(source, index, image bytes, caption, provenance) per table or COCO row; missing images counted."""
+    """(source, key, seed position, image bytes, caption, provenance) per table or COCO row (a chunk may span
+    sources); missing images counted."""
     for item in items:
         try:
             image = open_storage(item.root).read_bytes(item.name) if item.name else None
@@ -197,7 +196,8 @@ def _pairs_of_table(items: tuple, work: ShardWork):
         if image is None:
             work.skip(item.source, "missing_image")
             continue
-        yield item.source, item.index, image, item.caption, {"file": item.name}
+        yield (item.source, f"{item.source}-{item.index:012d}", (item.index,), image, item.caption,
+               {"file": item.name, "index": item.index})
 
 
 def add_codes(work: ShardWork, tokenizer: VisualTokenizer) -> ShardWork:

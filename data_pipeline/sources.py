@@ -2,15 +2,14 @@
 
 The plan is a pure function of the input listing (sorted) and the config, so a re-run of an interrupted
 job plans the same shards with the same samples, skips the finished ones, and redoes the rest identically.
-Image shards hold `samples_per_shard` images in listing order, and so do pair shards from tables and COCO
-annotations; a text shard holds the packed segments of one input file (split large corpora into files of the
-size a shard should have), and a pair shard from existing WebDataset tars holds the pairs of one input tar.
+Image shards hold `samples_per_shard` images of class folders in listing order, and so do pair shards from
+tables and COCO annotations; an input tar (a per-class ImageNet tar, or a WebDataset tar of pairs) becomes one
+shard, so it is read once; a text shard holds the packed segments of one input file or file part.
 """
 
 import csv
 import io
 import json
-import tarfile
 from dataclasses import dataclass
 
 import pyarrow.parquet
@@ -25,12 +24,22 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.z
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image: `name` under the source's root, or `member` of the tar at `name`; `label` is the synset."""
+    """One image file at `name` under the source's root; `label` is the synset (its class folder)."""
 
     source: str
     root: str
     name: str
-    member: str | None
+    label: str
+    index: int
+
+
+@dataclass(frozen=True)
+class ImageTar:
+    """One per-class tar (`n01440764.tar`); it becomes one shard, read once when that shard is built."""
+
+    source: str
+    root: str
+    name: str
     label: str
     index: int
 
@@ -79,24 +88,16 @@ class ShardPlan:
         return shard_name(self.kind, self.index)
 
 
-def list_imagenet(source: ImageNetSource) -> list[ImageItem]:
-    """Class folders (`n01440764/x.JPEG`) and per-class tars (`n01440764.tar`), in sorted order."""
-    storage = open_storage(source.path)
-    found: list[tuple[str, str | None, str]] = []
-    for name in storage.list():
-        lowered = name.lower()
-        if lowered.endswith(IMAGE_SUFFIXES) and "/" in name:
-            found.append((name, None, name.split("/")[0]))
-        elif lowered.endswith(".tar"):
-            with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(name))) as archive:
-                members = sorted(m.name for m in archive.getmembers()
-                                 if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES))
-            label = name.rsplit("/", 1)[-1][: -len(".tar")]
-            found.extend((name, member, label) for member in members)
-    if not found:
+def list_imagenet(source: ImageNetSource) -> tuple[list[ImageItem], list[ImageTar]]:
+    """Images in class folders (`n01440764/x.JPEG`) and per-class tars (`n01440764.tar`), in sorted order."""
+    names = open_storage(source.path).list()
+    files = [name for name in names if name.lower().endswith(IMAGE_SUFFIXES) and "/" in name]
+    tars = [name for name in names if name.lower().endswith(".tar")]
+    if not files and not tars:
         raise FileNotFoundError(f"source {source.name}: no images under {source.path}")
-    return [ImageItem(source.name, source.path, name, member, label, index)
-            for index, (name, member, label) in enumerate(sorted(found, key=lambda f: (f[0], f[1] or "")))]
+    return ([ImageItem(source.name, source.path, name, name.split("/")[0], index) for index, name in enumerate(files)],
+            [ImageTar(source.name, source.path, name, name.rsplit("/", 1)[-1][: -len(".tar")], index)
+             for index, name in enumerate(tars)])
 
 
 def list_text(source: TextSource, part_bytes: int) -> list[TextFile]:
@@ -187,10 +188,12 @@ def _chunks(items: list, size: int) -> list[tuple]:
 
 
 def plan_shards(config: DataConfig) -> list[ShardPlan]:
-    images, texts, pairs, pair_tars = [], [], [], []
+    images, image_tars, texts, pairs, pair_tars = [], [], [], [], []
     for source in config.sources:
         if isinstance(source, ImageNetSource):
-            images += list_imagenet(source)
+            files, tars = list_imagenet(source)
+            images += files
+            image_tars += tars
         elif isinstance(source, TextSource):
             texts += list_text(source, config.text_shard_bytes)
         elif isinstance(source, TablePairSource):
@@ -200,7 +203,8 @@ def plan_shards(config: DataConfig) -> list[ShardPlan]:
         else:
             pair_tars += list_pair_tars(source)
     size = config.samples_per_shard
-    plans = [ShardPlan("image", i, chunk) for i, chunk in enumerate(_chunks(images, size))]
+    image_units = _chunks(images, size) + [(image_tar,) for image_tar in image_tars]
+    plans = [ShardPlan("image", i, unit) for i, unit in enumerate(image_units)]
     plans += [ShardPlan("text", i, (text_file,)) for i, text_file in enumerate(texts)]
     pair_units = _chunks(pairs, size) + [(pair_tar,) for pair_tar in pair_tars]
     plans += [ShardPlan("pair", i, unit) for i, unit in enumerate(pair_units)]

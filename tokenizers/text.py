@@ -74,6 +74,11 @@ def xlmr_layout_processor(processor: sentencepiece.SentencePieceProcessor) -> se
     return renumbered
 
 
+def truncate(sequence: list[int], max_len: int) -> list[int]:
+    """`[bos] ... [eos]` cut to at most `max_len` ids, keeping the closing eos."""
+    return sequence if len(sequence) <= max_len else [*sequence[: max_len - 1], EOS]
+
+
 class TextTokenizer:
     """Encodes text to XLM-R-layout ids; batch encoding runs on all cores through SentencePiece's threads."""
 
@@ -100,10 +105,7 @@ class TextTokenizer:
         sequences = self.layout.Encode(list(texts), add_bos=with_specials, add_eos=with_specials,
                                        num_threads=self.num_threads)
         if max_len is not None and sequences and max(map(len, sequences)) > max_len:
-            for sequence in sequences:
-                if len(sequence) > max_len:
-                    del sequence[max_len - 1 :]
-                    sequence.append(EOS)
+            sequences = [truncate(sequence, max_len) for sequence in sequences]
         return sequences
 
     def pad(self, sequences: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
