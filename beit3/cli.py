@@ -87,6 +87,19 @@ def data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def pretrain(args: argparse.Namespace) -> int:
+    from beit3.pretrain.train_config import load_pretrain_config
+    from beit3.pretrain.trainer import train as run_training
+
+    config = load_pretrain_config(args.config)
+    if args.run_dir:
+        config = config.model_copy(update={"run_dir": args.run_dir})
+    result = run_training(config, require_resume=args.resume, stop_after_step=args.stop_after_step)
+    if result.mlflow_run_id:
+        print(f"train: step {result.final_step} reached; run dir {result.run_dir}, MLflow run {result.mlflow_run_id}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from beit3.demo import run_demo
 
@@ -129,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     info_visual.add_argument("--image-size", type=int, default=224)
     info_visual.add_argument("--batch-size", type=int, default=32)
     info_visual.set_defaults(handler=tokenizer_info)
+    train_command = commands.add_parser("train", help="pretrain with DeepSpeed (start it with torchrun or deepspeed)")
+    train_command.add_argument("--config", required=True, help="a pretrain YAML, e.g. configs/pretrain/tiny_cpu.yaml")
+    train_command.add_argument("--resume", action="store_true",
+                               help="continue from the latest checkpoint and fail if there is none")
+    train_command.add_argument("--run-dir", help="override the config's run_dir")
+    train_command.add_argument("--stop-after-step", type=int, help="end this process after that step")
+    train_command.set_defaults(handler=pretrain)
     demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
     demo_command.add_argument("--steps", type=int, default=30)
     demo_command.set_defaults(handler=demo)

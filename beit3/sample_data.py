@@ -1,0 +1,121 @@
+"""The embedded sample data: small raw corpora built from files that ship with installed packages.
+
+- images: crops, flips and colour shifts of the photographs matplotlib ships (`mpl-data/sample_data`), filed
+  in two class folders the way ImageNet is distributed;
+- text: the docstrings of Python's standard library, one document per line;
+- image-text pairs: generated pictures of coloured shapes with captions that describe them, as COCO-style
+  annotations (the only part that is synthetic: no captioned photographs ship with the packages).
+
+`write_sample_corpora` writes the raw inputs; `sample_data_config` describes a pipeline build over them.
+"""
+
+import importlib
+import inspect
+import json
+import random
+from pathlib import Path
+
+import matplotlib
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
+STDLIB_MODULES = ("collections", "itertools", "functools", "json", "pathlib", "random", "statistics", "string",
+                  "textwrap", "re", "heapq", "bisect", "fractions", "decimal", "datetime", "calendar", "csv",
+                  "argparse", "shutil", "tarfile", "zipfile", "gzip", "hashlib", "base64", "difflib", "typing")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+           "white": (245, 245, 245), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def _photos() -> list[Image.Image]:
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    return [Image.open(folder / name).convert("RGB") for name in PHOTOS]
+
+
+def _photo_variant(photo: Image.Image, rng: random.Random) -> Image.Image:
+    width, height = photo.size
+    side = int(min(width, height) * rng.uniform(0.5, 1.0))
+    left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+    image = photo.crop((left, top, left + side, top + side)).resize((160, 160), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    return ImageEnhance.Color(image).enhance(rng.uniform(0.6, 1.4))
+
+
+def _shape_picture(shape: str, colour: str, background: str, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (160, 160), COLOURS[background])
+    draw = ImageDraw.Draw(image)
+    size = rng.randint(50, 100)
+    left, top = rng.randint(5, 155 - size), rng.randint(5, 155 - size)
+    box = (left, top, left + size, top + size)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(left + size // 2, top), (left, top + size), (left + size, top + size)], fill=COLOURS[colour])
+    return image
+
+
+def stdlib_documents() -> list[str]:
+    """Paragraphs of the standard library's docstrings, whitespace-joined, one document each."""
+    documents = []
+    for name in STDLIB_MODULES:
+        module = importlib.import_module(name)
+        members = [module] + [value for _, value in sorted(vars(module).items()) if callable(value)]
+        for member in members:
+            doc = inspect.getdoc(member) or ""
+            documents += [" ".join(p.split()) for p in doc.split("\n\n") if len(p.split()) >= 6]
+    return list(dict.fromkeys(documents))
+
+
+def write_sample_corpora(root: Path, images_per_class: int = 24, pairs: int = 48, text_files: int = 4,
+                         seed: int = 0) -> Path:
+    """Write the raw sample inputs under `root` (imagenet/, text/, pairs/); returns `root`."""
+    rng = random.Random(seed)
+    photos = _photos()
+    for class_index, label in enumerate(("n00000001", "n00000002")):
+        folder = root / "imagenet" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(images_per_class):
+            photo = photos[(class_index + index) % len(photos)]
+            _photo_variant(photo, rng).save(folder / f"{label}_{index:04d}.JPEG", quality=90)
+    documents = stdlib_documents()
+    (root / "text").mkdir(parents=True, exist_ok=True)
+    for part in range(text_files):
+        (root / "text" / f"stdlib-{part}.txt").write_text("\n".join(documents[part::text_files]) + "\n")
+    pictures = root / "pairs" / "images"
+    pictures.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(pairs):
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        background = rng.choice([c for c in COLOURS if c != colour])
+        name = f"shape-{index:04d}.jpg"
+        _shape_picture(shape, colour, background, rng).save(pictures / name, quality=90)
+        images.append({"id": index, "file_name": name})
+        annotations.append({"id": index, "image_id": index,
+                            "caption": f"a {colour} {shape} on a {background} background"})
+    (root / "pairs" / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def sample_data_config(root: Path, spm: Path, output: str, image_size: int = 112, patch_size: int = 16,
+                       samples_per_shard: int = 8) -> dict:
+    """A data build of the sample corpora whose codes fit a model of `image_size` with `patch_size` patches."""
+    return {
+        "name": "sample-data",
+        "output": output,
+        "seed": 0,
+        "samples_per_shard": samples_per_shard,
+        "sources": [{"kind": "imagenet", "name": "photos", "path": str(root / "imagenet")},
+                    {"kind": "text", "name": "stdlib", "paths": [str(root / "text")]},
+                    {"kind": "coco", "name": "shapes", "annotations": str(root / "pairs" / "captions.json"),
+                     "images": str(root / "pairs" / "images")}],
+        "text_tokenizer": str(spm),
+        "text_len": 32,
+        "text_segments_per_sample": 8,
+        "caption_len": 32,
+        "image": {"shorter_side": 128, "views_per_image": 2, "tokenizer_view_size": image_size},
+        "visual_tokenizer": {"kind": "random", "seed": 0, "patch_size": patch_size, "codebook_size": 1024},
+        "ray": {"tokenizer_actors": 1},
+    }

@@ -1,0 +1,94 @@
+"""Checkpoint layout and the resume state each rank keeps beside DeepSpeed's files.
+
+`run_dir/checkpoints/step-00001000/` holds DeepSpeed's model and ZeRO files plus `trainer-rank-{r}.pt`: that
+rank's data position per stream and its RNG states. `checkpoints/latest` names the newest complete checkpoint;
+it is written (atomically) only after every rank has finished writing, so a checkpoint cut short by a crash is
+never chosen.
+"""
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+TAG_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from."""
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def trainer_state_path(checkpoint_dir: Path, tag: str, rank: int) -> Path:
+    return checkpoint_dir / tag / f"trainer-rank-{rank}.pt"
+
+
+def rng_states() -> dict:
+    """Every RNG a rank draws from, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                        has_gauss, cached),
+              "python": (version, list(python_state), gauss)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_trainer_state(checkpoint_dir: Path, tag: str, rank: int, state: dict) -> None:
+    path = trainer_state_path(checkpoint_dir, tag, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_trainer_state(checkpoint_dir: Path, tag: str, rank: int) -> dict:
+    path = trainer_state_path(checkpoint_dir, tag, rank)
+    if not path.exists():
+        raise CheckpointError(f"{path.parent}: no trainer state for rank {rank} (was the run on fewer ranks?)")
+    return torch.load(path, weights_only=True)
+
+
+def mark_latest(checkpoint_dir: Path, tag: str) -> None:
+    partial = checkpoint_dir / f"{LATEST}.partial"
+    partial.write_text(tag)
+    os.replace(partial, checkpoint_dir / LATEST)
+
+
+def latest_tag(checkpoint_dir: Path) -> str | None:
+    """The newest complete checkpoint's tag, checked to exist; None when the run has none yet."""
+    marker = checkpoint_dir / LATEST
+    if not marker.exists():
+        return None
+    tag = marker.read_text().strip()
+    if not (checkpoint_dir / tag).is_dir():
+        raise CheckpointError(f"{marker} names {tag!r}, which does not exist")
+    return tag
+
+
+def prune(checkpoint_dir: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names); returns the removed tags."""
+    tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    current = latest_tag(checkpoint_dir)
+    removed = [tag for tag in tags[:-keep_last] if tag != current]
+    for tag in removed:
+        shutil.rmtree(checkpoint_dir / tag)
+    return removed

@@ -1,0 +1,189 @@
+"""The typed schema of a pretraining run (see configs/pretrain/*.yaml), and what is derived from it.
+
+The DeepSpeed JSON is computed here from this one schema (`deepspeed_config`), never kept beside it.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from beit3.config import ConfigError, load_config, validate_config
+from beit3.pretrain.model_config import ModelConfig
+from beit3.tokenizers.visual import VisualTokenizerConfig
+
+STREAMS = ("image", "text", "pair")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchSettings(_Strict):
+    """Samples of each kind per optimizer step, over all ranks and accumulation steps (the paper: 2048 each)."""
+
+    image: int = Field(2048, ge=0)
+    text: int = Field(2048, ge=0)
+    pair: int = Field(2048, ge=0)
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+
+    def global_count(self, stream: str) -> int:
+        return getattr(self, stream)
+
+
+class DataSettings(_Strict):
+    datasets: list[str] = Field(min_length=1, description="Outputs of `beit3 data build` (folders or s3:// "
+                                "prefixes holding a manifest.json); each stream reads the shards of its kind.")
+    text_tokenizer: str = Field(description="The SentencePiece model the shards were tokenized with.")
+    visual_codes: Literal["stored", "on_the_fly"] = Field(
+        "stored", description="'stored': read the pipeline's codes; 'on_the_fly': run visual_tokenizer on the view.")
+    visual_tokenizer: VisualTokenizerConfig | None = Field(None, description="Needed for visual_codes: on_the_fly.")
+    workers: int = Field(1, ge=0, description="Loader worker processes per stream and rank (0: in the rank).")
+    shuffle_window_shards: int = Field(4, gt=0, description="Shards read together and shuffled as one window.")
+    prefetch_batches: int = Field(2, gt=0, description="Micro-batches each worker prepares ahead.")
+    verify_sha256: bool = Field(True, description="Check each shard against its manifest digest as it is read.")
+
+
+class MaskingSettings(_Strict):
+    image_ratio: float = Field(0.4, gt=0, lt=1, description="Block-wise share of patches masked.")
+    mask_pair_images: bool = Field(True, description="Also mask the image of an image-text pair (as VL-BEiT).")
+    text_rate: float = Field(0.15, gt=0, le=1)
+    caption_rate: float = Field(0.5, gt=0, le=1)
+
+
+class AugmentSettings(_Strict):
+    color_jitter: float = Field(0.4, ge=0, description="Brightness, contrast and saturation strength.")
+
+
+class LossWeights(_Strict):
+    image: float = Field(1.0, ge=0)
+    text: float = Field(1.0, ge=0)
+    pair_image: float = Field(1.0, ge=0)
+    pair_text: float = Field(1.0, ge=0)
+
+
+class OptimizerSettings(_Strict):
+    peak_lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0, description="Where the cosine decay ends.")
+    warmup_steps: int = Field(10_000, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    gradient_clipping: float = Field(3.0, gt=0)
+
+
+class ZeroSettings(_Strict):
+    stage: Literal[1, 2, 3] = 1
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
+    offload_parameters: bool = Field(False, description="ZeRO-3 only: keep parameters in CPU memory.")
+
+
+class CheckpointSettings(_Strict):
+    every_steps: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class MlflowSettings(_Strict):
+    tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the run dir.")
+    experiment: str = "beit3-pretrain"
+    log_system_metrics: bool = True
+
+
+class PretrainConfig(_Strict):
+    name: str
+    run_dir: str = Field(description="Checkpoints, the saved configs, metrics and the default MLflow store.")
+    model: ModelConfig
+    data: DataSettings
+    batch: BatchSettings = BatchSettings()
+    masking: MaskingSettings = MaskingSettings()
+    augment: AugmentSettings = AugmentSettings()
+    loss_weights: LossWeights = LossWeights()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    zero: ZeroSettings = ZeroSettings()
+    precision: Literal["bf16", "fp32"] = "bf16"
+    steps: int = Field(1_000_000, gt=0)
+    seed: int = 0
+    log_every_steps: int = Field(10, gt=0)
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    resume: Literal["auto", "never"] = Field("auto", description="'auto': continue from the latest checkpoint.")
+    mlflow: MlflowSettings = MlflowSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if not any(self.batch.global_count(stream) for stream in STREAMS):
+            raise ValueError("batch: at least one of image, text and pair must be positive")
+        if self.data.visual_codes == "on_the_fly" and self.data.visual_tokenizer is None:
+            raise ValueError("data.visual_tokenizer is required when data.visual_codes is on_the_fly")
+        if self.zero.offload_parameters and self.zero.stage != 3:
+            raise ValueError("zero.offload_parameters needs zero.stage 3")
+        return self
+
+    def active_streams(self) -> list[str]:
+        return [stream for stream in STREAMS if self.batch.global_count(stream)]
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """Per-rank micro-batch sizes: global count = micro * world size * accumulation, for every stream."""
+
+    micro: dict[str, int]
+    accumulation: int
+    world_size: int
+
+
+def split_batch(batch: BatchSettings, world_size: int) -> BatchSplit:
+    """The per-rank micro-batches, or a ConfigError naming the count that does not divide."""
+    share = world_size * batch.gradient_accumulation
+    micro = {}
+    for stream in STREAMS:
+        count = batch.global_count(stream)
+        if count % share:
+            raise ConfigError(
+                f"batch.{stream}: {count} samples per step do not divide over {world_size} ranks x "
+                f"{batch.gradient_accumulation} accumulation steps ({share} micro-batches); use a multiple of {share}"
+            )
+        micro[stream] = count // share
+    return BatchSplit(micro, batch.gradient_accumulation, world_size)
+
+
+def deepspeed_config(config: PretrainConfig, split: BatchSplit) -> dict:
+    """The DeepSpeed JSON for this run. Micro-batch size counts images: the three streams are ours to size."""
+    zero: dict = {"stage": config.zero.stage}
+    if config.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if config.zero.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": max(1, split.micro["image"]),
+        "gradient_accumulation_steps": split.accumulation,
+        "gradient_clipping": config.optimizer.gradient_clipping,
+        "bf16": {"enabled": config.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_pretrain_config(path: str | Path) -> PretrainConfig:
+    """Read a pretrain YAML; `model` may be inline or the path of a model YAML (relative to this file)."""
+    path = Path(path)
+    raw = load_config(_RawPretrain, path).model_dump()
+    model = raw.get("model")
+    if isinstance(model, str):
+        model_path = (path.parent / model) if not Path(model).is_absolute() else Path(model)
+        if not model_path.exists():
+            raise ConfigError(f"{path}: model: model config {model} not found (looked at {model_path})")
+        raw["model"] = yaml.safe_load(model_path.read_text(encoding="utf-8"))
+        raw["model"].update(raw.pop("model_overrides", None) or {})
+    else:
+        raw.pop("model_overrides", None)
+    return validate_config(PretrainConfig, raw, str(path))
+
+
+class _RawPretrain(BaseModel):
+    """The YAML before `model` is resolved: anything goes, PretrainConfig validates it afterwards."""
+
+    model_config = ConfigDict(extra="allow")

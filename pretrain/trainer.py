@@ -1,0 +1,352 @@
+"""`beit3 train`: masked data modeling on mixed image / text / image-text batches under DeepSpeed ZeRO.
+
+Read top to bottom: `train()` checks the config and the data, builds the engine, restores a checkpoint when
+there is one, and runs `Trainer.train_step` until the configured step, checkpointing on the way. The model is
+a plain nn.Module; DeepSpeed wraps it here and nowhere else.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import psutil
+import torch
+import torch.distributed as dist
+import yaml
+
+from beit3.config import ConfigError
+from beit3.data_pipeline.processing import load_text_tokenizer
+from beit3.pretrain.checkpoints import (
+    CheckpointError,
+    latest_tag,
+    load_trainer_state,
+    mark_latest,
+    prune,
+    restore_rng_states,
+    rng_states,
+    save_trainer_state,
+    tag_for,
+)
+from beit3.pretrain.masking import sample_seed
+from beit3.pretrain.metrics_sink import DiscardingSink, MetricsSink, MlflowSink, flatten, tracking_uri
+from beit3.pretrain.model import MultiwayTransformer
+from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
+from beit3.pretrain.objective import masked_prediction
+from beit3.pretrain.optimization import build_optimizer, learning_rate
+from beit3.pretrain.shard_streams import (
+    MicroBatchStream,
+    StreamSettings,
+    build_loader,
+    read_manifest,
+    stream_shards,
+)
+from beit3.pretrain.train_config import BatchSplit, PretrainConfig, deepspeed_config, split_batch
+from beit3.tokenizers.visual import build_visual_tokenizer
+
+COMPONENTS = ("image", "text", "pair_image", "pair_text")
+RUN_STATE = "run.json"
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+"""Dense bf16 peak per GPU, for model FLOPs utilisation; other devices log no MFU."""
+
+
+class ResumeError(ValueError):
+    """A run that cannot continue from its checkpoint: the data or a result-defining setting changed."""
+
+
+def resume_fingerprint(config: PretrainConfig, world_size: int) -> dict:
+    """The settings an exact resume depends on: changing any of them changes what later steps compute."""
+    dump = config.model_dump(mode="json")
+    return {"model": dump["model"], "seed": config.seed, "batch": dump["batch"], "masking": dump["masking"],
+            "augment": dump["augment"], "world_size": world_size,
+            "data": {key: dump["data"][key] for key in ("datasets", "workers", "shuffle_window_shards", "visual_codes")}}
+
+
+def check_resume(saved: dict, fingerprint: dict, manifests: dict[str, str]) -> None:
+    """Fail before training, naming what changed since the checkpoint was written."""
+    changed = [name for name in fingerprint if saved["fingerprint"].get(name) != fingerprint[name]]
+    if changed:
+        details = "; ".join(f"{name}: was {saved['fingerprint'].get(name)}, now {fingerprint[name]}"
+                            for name in changed)
+        raise ResumeError(f"cannot resume: settings changed since the checkpoint ({details}); restore them or "
+                          "start a new run_dir")
+    for dataset, digest in manifests.items():
+        if saved["manifests"].get(dataset) != digest:
+            raise ResumeError(f"cannot resume: the manifest of {dataset} changed since the run started (sha256 "
+                              f"{str(saved['manifests'].get(dataset))[:12]} -> {digest[:12]}); the shards differ")
+
+
+def _git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent)
+        return result.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@dataclass
+class StepTotals:
+    """Sums over one optimizer step on this rank, reduced over ranks for logging."""
+
+    loss: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    correct: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    predicted: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    losses_seen: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    tokens: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("image", "text", "pair"), 0.0))
+    keys: list[str] = field(default_factory=list)
+
+    def as_tensor(self) -> torch.Tensor:
+        values = [self.loss[c] for c in COMPONENTS] + [self.correct[c] for c in COMPONENTS]
+        values += [self.predicted[c] for c in COMPONENTS] + [self.losses_seen[c] for c in COMPONENTS]
+        return torch.tensor(values + list(self.tokens.values()), dtype=torch.float64)
+
+
+class Trainer:
+    """One optimizer step at a time over the three streams; the loop and checkpoints live in `train()`."""
+
+    def __init__(self, config: PretrainConfig, split: BatchSplit, engine, streams: dict, device: torch.device,
+                 visual_tokenizer=None):
+        self.config = config
+        self.split = split
+        self.engine = engine
+        self.streams = streams
+        self.device = device
+        self.visual_tokenizer = visual_tokenizer
+        self.weights = config.loss_weights.model_dump()
+        self.float_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+
+    def _to_device(self, batch: dict) -> dict:
+        moved = {}
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if value.is_floating_point() and name != "tokenizer_image":
+                    value = value.to(self.float_dtype)
+            moved[name] = value
+        if "tokenizer_image" in moved:
+            with torch.no_grad():
+                moved["codes"] = self.visual_tokenizer.encode(moved.pop("tokenizer_image")).flatten(1)
+        return moved
+
+    def train_step(self) -> StepTotals:
+        totals = StepTotals()
+        for _ in range(self.split.accumulation):
+            loss = torch.zeros((), device=self.device)
+            for stream, iterator in self.streams.items():
+                batch = self._to_device(next(iterator))
+                totals.keys += batch["keys"]
+                totals.tokens[stream] += self._tokens(stream, batch)
+                for component, (part, correct, count) in masked_prediction(self.engine, stream, batch).items():
+                    loss = loss + self.weights[component] * part
+                    totals.loss[component] += part.item()
+                    totals.losses_seen[component] += 1
+                    totals.correct[component] += correct.item()
+                    totals.predicted[component] += count
+            self.engine.backward(loss)
+            self.engine.step()
+        return totals
+
+    def _tokens(self, stream: str, batch: dict) -> float:
+        tokens = 0.0
+        if "image" in batch:
+            tokens += batch["image"].shape[0] * self.config.model.image_tokens
+        if "text_padding_mask" in batch:
+            tokens += float((~batch["text_padding_mask"]).sum())
+        return tokens
+
+
+def _reduce(totals: StepTotals, device: torch.device) -> torch.Tensor:
+    vector = totals.as_tensor().to(device)
+    dist.all_reduce(vector)
+    return vector.cpu()
+
+
+def step_metrics(reduced: torch.Tensor, seconds: float, lr: float, grad_norm: float | None, config: PretrainConfig,
+                 split: BatchSplit, active: int, peak_flops: float | None) -> dict[str, float]:
+    n = len(COMPONENTS)
+    loss, correct, predicted, seen = (reduced[i * n : (i + 1) * n] for i in range(4))
+    tokens = dict(zip(("image", "text", "pair"), reduced[4 * n :].tolist()))
+    metrics: dict[str, float] = {"lr": lr, "step_seconds": seconds}
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    total_loss = 0.0
+    for index, component in enumerate(COMPONENTS):
+        if seen[index] > 0:
+            metrics[f"loss/{component}"] = float(loss[index] / seen[index])
+            metrics[f"accuracy/{component}"] = float(correct[index] / max(predicted[index], 1))
+            total_loss += config.loss_weights.model_dump()[component] * metrics[f"loss/{component}"]
+    metrics["loss"] = total_loss
+    flops = 0.0
+    for stream, count in tokens.items():
+        samples = split.micro[stream] * split.world_size * split.accumulation
+        if samples:
+            metrics[f"samples_per_second/{stream}"] = samples / seconds
+            metrics[f"tokens_per_second/{stream}"] = count / seconds
+            flops += samples * training_flops_per_sample(config.model, round(count / samples), active)
+    if peak_flops:
+        metrics["mfu"] = flops / seconds / (peak_flops * split.world_size)
+    if torch.cuda.is_available():
+        metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
+    return metrics
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    resumed_from: int
+    mlflow_run_id: str | None
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for model, peak in BF16_PEAK_FLOPS.items() if model in name), None)
+
+
+def _truncate_log(path: Path, after_step: int) -> None:
+    """Drop lines of steps a crashed run logged past its last checkpoint; the resumed run logs them again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None) -> TrainResult:
+    """Run (or continue) the configured pretraining; `stop_after_step` ends this process early (tests, benchmarks)."""
+    accelerator_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=accelerator_backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    split = split_batch(config.batch, world_size)
+    run_dir = Path(config.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+
+    manifests = {dataset: read_manifest(dataset)[1] for dataset in config.data.datasets}
+    shards = {stream: stream_shards(config.data.datasets, stream) for stream in config.active_streams()}
+    for stream, refs in shards.items():
+        if not refs:
+            raise ConfigError(f"batch.{stream}: {split.micro[stream] * world_size} samples per micro-step asked, but "
+                              f"no {stream} shards in {', '.join(config.data.datasets)}")
+    fingerprint = resume_fingerprint(config, world_size)
+    tag = latest_tag(checkpoint_dir) if (config.resume == "auto" or require_resume) else None
+    if require_resume and tag is None:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir}")
+    if tag is not None:
+        check_resume(json.loads((run_dir / RUN_STATE).read_text()), fingerprint, manifests)
+
+    text_tokenizer = load_text_tokenizer(config.data.text_tokenizer)
+    if text_tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the text tokenizer's "
+                          f"vocabulary ({text_tokenizer.vocab_size})")
+    visual_tokenizer = None
+    if config.data.visual_codes == "on_the_fly":
+        visual_tokenizer, _ = build_visual_tokenizer(config.data.visual_tokenizer)
+        visual_tokenizer = visual_tokenizer.to(device).eval()
+
+    torch.manual_seed(config.seed)
+    model = MultiwayTransformer(config.model)
+    optimizer = build_optimizer(model, config.optimizer)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate(step, config.optimizer, config.steps) / config.optimizer.peak_lr)
+    ds_config = deepspeed_config(config, split)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    torch.manual_seed(sample_seed(config.seed, "rank", rank) % 2**63)
+
+    step, positions = 0, dict.fromkeys(shards, 0)
+    if tag is not None:
+        engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=True)
+        state = load_trainer_state(checkpoint_dir, tag, rank)
+        step, positions = state["step"], state["data_positions"]
+        restore_rng_states(state["rng"])
+    elif rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_STATE).write_text(json.dumps({"fingerprint": fingerprint, "manifests": manifests}, indent=1))
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
+        _truncate_log(run_dir / "metrics.jsonl", step)
+    samples_log = run_dir / "samples" / f"rank-{rank}.jsonl"
+    samples_log.parent.mkdir(parents=True, exist_ok=True)
+    _truncate_log(samples_log, step)
+
+    grid = config.model.grid_size
+    streams = {}
+    for stream in shards:
+        settings = StreamSettings(
+            stream=stream, micro_batch=split.micro[stream], seed=config.seed, image_size=config.model.image_size,
+            grid=grid, mask_id=text_tokenizer.mask_id, image_ratio=config.masking.image_ratio,
+            mask_pair_images=config.masking.mask_pair_images, text_rate=config.masking.text_rate,
+            caption_rate=config.masking.caption_rate, color_jitter=config.augment.color_jitter,
+            tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
+            shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256)
+        dataset = MicroBatchStream(shards[stream], settings, rank, world_size, start_micro_batches=positions[stream])
+        streams[stream] = iter(build_loader(dataset, config.data.workers, config.data.prefetch_batches))
+
+    sink: MetricsSink = DiscardingSink()
+    if rank == 0:
+        tags = {"git_commit": _git_commit(), "world_size": str(world_size), "zero_stage": str(config.zero.stage),
+                "precision": config.precision}
+        sink = MlflowSink(run_dir, tracking_uri(config.mlflow.tracking_uri, run_dir), config.mlflow.experiment,
+                          config.name, flatten("", config.model_dump(mode="json")), tags,
+                          config.mlflow.log_system_metrics)
+        for artifact in ("config.yaml", "deepspeed.json", RUN_STATE):
+            sink.log_artifact(run_dir / artifact)
+        print(f"train: {config.name} on {world_size} rank(s), ZeRO-{config.zero.stage}, {config.precision}; "
+              f"micro-batches {split.micro} x {split.accumulation} accumulation; "
+              + (f"resumed from {tag}" if tag else "new run") + f"; run dir {run_dir}", flush=True)
+
+    trainer = Trainer(config, split, engine, streams, device, visual_tokenizer)
+    active = active_parameters_per_token(config.model)
+    peak = _peak_flops(device)
+    resumed_from, last_step = step, min(config.steps, stop_after_step or config.steps)
+    status = "FAILED"
+    try:
+        while step < last_step:
+            started = time.perf_counter()
+            totals = trainer.train_step()
+            step += 1
+            for stream in positions:
+                positions[stream] += split.accumulation
+            reduced = _reduce(totals, device)
+            lr = learning_rate(step - 1, config.optimizer, config.steps)
+            metrics = step_metrics(reduced, time.perf_counter() - started, lr, engine.get_global_grad_norm(),
+                                   config, split, active, peak)
+            with samples_log.open("a") as log:
+                digest = hashlib.sha256("\n".join(totals.keys).encode()).hexdigest()
+                log.write(json.dumps({"step": step, "samples": len(totals.keys), "sha256": digest}) + "\n")
+            if rank == 0:
+                with (run_dir / "metrics.jsonl").open("a") as log:
+                    log.write(json.dumps({"step": step, **metrics}) + "\n")
+                if step % config.log_every_steps == 0 or step == last_step:
+                    sink.log_metrics(metrics, step)
+                    print(f"step {step:>7d}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "
+                          f"{metrics['step_seconds']:.2f}s/step", flush=True)
+            if step % config.checkpoint.every_steps == 0 or step == last_step:
+                save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.checkpoint.keep_last)
+        status = "FINISHED"
+    finally:
+        sink.close(status)
+    return TrainResult(run_dir, step, resumed_from, sink.run_id)
+
+
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, positions: dict[str, int],
+                    keep_last: int) -> None:
+    """Every rank writes its part, then, once all have, rank 0 points `latest` at it and prunes old ones."""
+    tag = tag_for(step)
+    save_trainer_state(checkpoint_dir, tag, rank, {"step": step, "data_positions": dict(positions),
+                                                   "rng": rng_states()})
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        mark_latest(checkpoint_dir, tag)
+        prune(checkpoint_dir, keep_last)
+    dist.barrier()
