@@ -13,6 +13,7 @@ laid back on the padded grid only for attention, so pads cost no projection or F
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,11 @@ FIRST_POSITION = 2
 """Position tables start at row 2, a fairseq convention kept by the released checkpoints."""
 
 
-@dataclass
-class MultiwayOutput:
-    """Final hidden states per modality (zeros at text pads), and head logits at the requested positions."""
+class MultiwayOutput(NamedTuple):
+    """Final hidden states per modality (zeros at text pads), and head logits at the requested positions.
+
+    A named tuple, so that wrappers which hook a module's output tensors (sharded data parallelism) see them.
+    """
 
     vision: torch.Tensor | None
     text: torch.Tensor | None
@@ -319,7 +322,7 @@ class MultiwayTransformer(nn.Module):
         """
         output = self.encode(image, text, text_padding_mask, image_mask)
         if image_mask is not None:
-            output.mim_logits = self.mim_head(output.vision[:, 1:][image_mask])
+            output = output._replace(mim_logits=self.mim_head(output.vision[:, 1:][image_mask]))
         if text_prediction_mask is not None:
-            output.mlm_logits = self.mlm_head(output.text[text_prediction_mask])
+            output = output._replace(mlm_logits=self.mlm_head(output.text[text_prediction_mask]))
         return output

@@ -254,6 +254,7 @@ class MicroBatchStream(IterableDataset):
 
 
 def build_loader(dataset: MicroBatchStream, workers: int, prefetch_batches: int) -> DataLoader:
-    """Worker processes prepare micro-batches; `in_order` keeps the round-robin that resume relies on."""
-    return DataLoader(dataset, batch_size=None, num_workers=workers, in_order=True,
+    """Worker processes prepare micro-batches; `in_order` keeps the round-robin that resume relies on, and a
+    private generator keeps the loader from drawing on the rank's RNG (which drop path uses)."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, in_order=True, generator=torch.Generator(),
                       prefetch_factor=prefetch_batches if workers else None, persistent_workers=False)

@@ -8,7 +8,9 @@ a plain nn.Module; DeepSpeed wraps it here and nowhere else.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,19 +254,27 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
         visual_tokenizer, _ = build_visual_tokenizer(config.data.visual_tokenizer)
         visual_tokenizer = visual_tokenizer.to(device).eval()
 
+    state, load_dir, ds_config = None, checkpoint_dir, deepspeed_config(config, split)
+    if tag is not None:
+        state = load_trainer_state(checkpoint_dir, tag, rank)
+        if (state["zero_stage"] == 3) != (config.zero.stage == 3):
+            load_dir = universal_checkpoint(checkpoint_dir, tag, rank)
+            ds_config["checkpoint"] = {"load_universal": True}
+
     torch.manual_seed(config.seed)
     model = MultiwayTransformer(config.model)
     optimizer = build_optimizer(model, config.optimizer)
+    optimizer_groups = [{"weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, config.optimizer, config.steps) / config.optimizer.peak_lr)
-    ds_config = deepspeed_config(config, split)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     torch.manual_seed(sample_seed(config.seed, "rank", rank) % 2**63)
 
     step, positions = 0, dict.fromkeys(shards, 0)
-    if tag is not None:
-        engine.load_checkpoint(str(checkpoint_dir), tag=tag, load_module_strict=True)
-        state = load_trainer_state(checkpoint_dir, tag, rank)
+    if state is not None:
+        engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        for loaded, configured in zip(engine.optimizer.optimizer.param_groups, optimizer_groups):
+            loaded["weight_decay"] = configured["weight_decay"]
         step, positions = state["step"], state["data_positions"]
         restore_rng_states(state["rng"])
     elif rank == 0:
@@ -331,19 +341,58 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
                     print(f"step {step:>7d}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "
                           f"{metrics['step_seconds']:.2f}s/step", flush=True)
             if step % config.checkpoint.every_steps == 0 or step == last_step:
-                save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.checkpoint.keep_last)
+                save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.zero.stage, config.checkpoint.keep_last)
         status = "FINISHED"
     finally:
         sink.close(status)
     return TrainResult(run_dir, step, resumed_from, sink.run_id)
 
 
+def universal_checkpoint(checkpoint_dir: Path, tag: str, rank: int) -> Path:
+    """A checkpoint written under another ZeRO stage, converted once by DeepSpeed's own tool to its universal
+    format (which any stage loads, optimizer state included); returns the folder holding it under `tag`."""
+    universal = checkpoint_dir / "universal"
+    if rank == 0 and not (universal / tag).is_dir():
+        partial = universal / f"{tag}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(checkpoint_dir / tag), "--output_folder", str(partial), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True)
+        _name_model_states_for_every_stage(partial)
+        _add_stage3_optimizer_step(partial)
+        os.replace(partial, universal / tag)
+    dist.barrier()
+    return universal
+
+
+def _name_model_states_for_every_stage(folder: Path) -> None:
+    """DeepSpeed looks for the model states under a ZeRO-3 name or a ZeRO-1/2 name depending on the stage it
+    loads into, while the converter keeps the source stage's name: give the universal folder both."""
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    present = next(name for name in names if (folder / name).exists())
+    for name in names:
+        if not (folder / name).exists():
+            os.link(folder / present, folder / name)
+
+
+def _add_stage3_optimizer_step(folder: Path) -> None:
+    """ZeRO-3 reads the Adam step count from a field the converter writes only for ZeRO-3 sources; copy it from
+    a parameter's saved step so a ZeRO-1/2 checkpoint loads into ZeRO-3 too."""
+    path = folder / "zero" / "optimizer_state.pt"
+    global_state = torch.load(path, weights_only=False)
+    if "optimizer_state_dict" not in global_state:
+        step = torch.load(next((folder / "zero").glob("*/step.pt")), weights_only=False)
+        global_state["optimizer_state_dict"] = {"state": {0: {"step": step}},
+                                                "param_groups": global_state["param_groups"]}
+        torch.save(global_state, path)
+
+
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, positions: dict[str, int],
-                    keep_last: int) -> None:
+                    zero_stage: int, keep_last: int) -> None:
     """Every rank writes its part, then, once all have, rank 0 points `latest` at it and prunes old ones."""
     tag = tag_for(step)
     save_trainer_state(checkpoint_dir, tag, rank, {"step": step, "data_positions": dict(positions),
-                                                   "rng": rng_states()})
+                                                   "rng": rng_states(), "zero_stage": zero_stage})
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
     dist.barrier()
     if rank == 0:
