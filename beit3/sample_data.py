@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
 STDLIB_MODULES = ("collections", "itertools", "functools", "json", "pathlib", "random", "statistics", "string",
                   "textwrap", "re", "heapq", "bisect", "fractions", "decimal", "datetime", "calendar", "csv",
-                  "argparse", "shutil", "tarfile", "zipfile", "gzip", "hashlib", "base64", "difflib", "typing")
+                  "argparse", "shutil", "tarfile", "zipfile", "gzip", "hashlib", "base64", "difflib")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
            "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle")

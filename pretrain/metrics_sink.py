@@ -48,8 +48,10 @@ class MlflowSink:
     """One MLflow run per training run; a resumed job reopens the run id kept in the run directory."""
 
     def __init__(self, run_dir: Path, uri: str, experiment: str, run_name: str, params: dict[str, str],
-                 tags: dict[str, str], system_metrics: bool):
+                 tags: dict[str, str], system_metrics_interval: float | None):
         mlflow.set_tracking_uri(uri)
+        if system_metrics_interval:
+            mlflow.set_system_metrics_sampling_interval(system_metrics_interval)
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
@@ -61,7 +63,7 @@ class MlflowSink:
         id_file = run_dir / RUN_ID_FILE
         resumed = id_file.exists()
         run = mlflow.start_run(run_id=id_file.read_text().strip() if resumed else None, experiment_id=experiment_id,
-                               run_name=None if resumed else run_name, log_system_metrics=system_metrics)
+                               run_name=None if resumed else run_name, log_system_metrics=bool(system_metrics_interval))
         self.run_id = run.info.run_id
         if not resumed:
             id_file.write_text(self.run_id)

@@ -89,6 +89,7 @@ class MlflowSettings(_Strict):
     tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the run dir.")
     experiment: str = "beit3-pretrain"
     log_system_metrics: bool = True
+    system_metrics_interval_seconds: float = Field(10.0, gt=0, description="How often CPU/GPU/memory are sampled.")
 
 
 class PretrainConfig(_Strict):

@@ -65,7 +65,8 @@ def resume_fingerprint(config: PretrainConfig, world_size: int) -> dict:
     dump = config.model_dump(mode="json")
     return {"model": dump["model"], "seed": config.seed, "batch": dump["batch"], "masking": dump["masking"],
             "augment": dump["augment"], "world_size": world_size,
-            "data": {key: dump["data"][key] for key in ("datasets", "workers", "shuffle_window_shards", "visual_codes")}}
+            "data": {key: dump["data"][key]
+                     for key in ("datasets", "workers", "shuffle_window_shards", "visual_codes")}}
 
 
 def check_resume(saved: dict, fingerprint: dict, manifests: dict[str, str]) -> None:
@@ -221,29 +222,51 @@ def _truncate_log(path: Path, after_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None) -> TrainResult:
-    """Run (or continue) the configured pretraining; `stop_after_step` ends this process early (tests, benchmarks)."""
-    accelerator_backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=accelerator_backend)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")
-    split = split_batch(config.batch, world_size)
-    run_dir = Path(config.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
+@dataclass
+class Preflight:
+    """Everything checked before any process group or model exists, so a bad run fails in seconds."""
 
+    split: BatchSplit
+    shards: dict[str, list]
+    manifests: dict[str, str]
+    fingerprint: dict
+    tag: str | None
+    text_tokenizer: object
+
+
+def preflight(config: PretrainConfig, world_size: int, require_resume: bool = False) -> Preflight:
+    """Batch division, shards present, the tokenizer fits the model, and a resume that can be exact."""
+    split = split_batch(config.batch, world_size)
     manifests = {dataset: read_manifest(dataset)[1] for dataset in config.data.datasets}
     shards = {stream: stream_shards(config.data.datasets, stream) for stream in config.active_streams()}
     for stream, refs in shards.items():
         if not refs:
-            raise ConfigError(f"batch.{stream}: {split.micro[stream] * world_size} samples per micro-step asked, but "
-                              f"no {stream} shards in {', '.join(config.data.datasets)}")
+            raise ConfigError(f"batch.{stream}: {config.batch.global_count(stream)} samples per step asked, but "
+                              f"there are no {stream} shards in {', '.join(config.data.datasets)}")
+    run_dir = Path(config.run_dir)
     fingerprint = resume_fingerprint(config, world_size)
-    tag = latest_tag(checkpoint_dir) if (config.resume == "auto" or require_resume) else None
+    tag = latest_tag(run_dir / "checkpoints") if (config.resume == "auto" or require_resume) else None
     if require_resume and tag is None:
-        raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir}")
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     if tag is not None:
         check_resume(json.loads((run_dir / RUN_STATE).read_text()), fingerprint, manifests)
+    text_tokenizer = load_text_tokenizer(config.data.text_tokenizer)
+    if text_tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the text tokenizer's "
+                          f"vocabulary ({text_tokenizer.vocab_size})")
+    return Preflight(split, shards, manifests, fingerprint, tag, text_tokenizer)
+
+
+def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None) -> TrainResult:
+    """Run (or continue) the configured pretraining; `stop_after_step` ends this process early (tests, benchmarks)."""
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    checked = preflight(config, world_size, require_resume)
+    split, shards, tag, text_tokenizer = checked.split, checked.shards, checked.tag, checked.text_tokenizer
+    run_dir = Path(config.run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
 
     text_tokenizer = load_text_tokenizer(config.data.text_tokenizer)
     if text_tokenizer.vocab_size > config.model.vocab_size:
@@ -279,7 +302,8 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
         restore_rng_states(state["rng"])
     elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_STATE).write_text(json.dumps({"fingerprint": fingerprint, "manifests": manifests}, indent=1))
+        (run_dir / RUN_STATE).write_text(json.dumps({"fingerprint": checked.fingerprint,
+                                                     "manifests": checked.manifests}, indent=1))
     if rank == 0:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
@@ -307,7 +331,7 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
                 "precision": config.precision}
         sink = MlflowSink(run_dir, tracking_uri(config.mlflow.tracking_uri, run_dir), config.mlflow.experiment,
                           config.name, flatten("", config.model_dump(mode="json")), tags,
-                          config.mlflow.log_system_metrics)
+                          config.mlflow.system_metrics_interval_seconds if config.mlflow.log_system_metrics else None)
         for artifact in ("config.yaml", "deepspeed.json", RUN_STATE):
             sink.log_artifact(run_dir / artifact)
         print(f"train: {config.name} on {world_size} rank(s), ZeRO-{config.zero.stage}, {config.precision}; "
@@ -341,7 +365,8 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
                     print(f"step {step:>7d}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "
                           f"{metrics['step_seconds']:.2f}s/step", flush=True)
             if step % config.checkpoint.every_steps == 0 or step == last_step:
-                save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.zero.stage, config.checkpoint.keep_last)
+                save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.zero.stage,
+                                config.checkpoint.keep_last)
         status = "FINISHED"
     finally:
         sink.close(status)

@@ -39,3 +39,19 @@ def s3_bucket(monkeypatch, s3_endpoint_url) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def training_data(tmp_path_factory) -> dict:
+    """Sample shards made by the real pipeline, with codes that fit the tiny model (built once per session)."""
+    from training_fixtures import build_training_data
+
+    return build_training_data(tmp_path_factory.mktemp("training-data"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory) -> str:
+    from training_fixtures import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url

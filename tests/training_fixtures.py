@@ -1,0 +1,101 @@
+"""Real parts for trainer tests: sample shards built by `beit3 data build`, an MLflow server on loopback, and
+2-rank CPU launches of `beit3 train` under torchrun."""
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from beit3.sample_data import sample_data_config, write_sample_corpora
+from beit3.tokenizers.text_training import train_text_tokenizer
+from s3_endpoint import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+def build_training_data(root: Path) -> dict:
+    """The sample corpora through the real pipeline, in a process of its own (as a user runs it)."""
+    write_sample_corpora(root / "raw")
+    spm = train_text_tokenizer(sorted((root / "raw" / "text").glob("*.txt")), root / "spm", vocab_size=1000,
+                               num_threads=1).model_path
+    data_yaml = root / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(sample_data_config(root / "raw", spm, str(root / "shards"))))
+    built = subprocess.run([sys.executable, "-m", "beit3.cli", "data", "build", "--config", str(data_yaml),
+                            "--quiet"], capture_output=True, text=True, cwd=root)
+    if built.returncode != 0:
+        raise AssertionError(f"data build failed:\n{built.stderr[-4000:]}")
+    return {"shards": root / "shards", "spm": spm}
+
+
+def tiny_recipe(run_dir: Path, data: dict, **overrides) -> dict:
+    """configs/pretrain/tiny_cpu.yaml pointed at test data, with fields overridden (nested dicts merge)."""
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    recipe["model"] = str(TINY_RECIPE.parent / recipe["model"])
+    recipe["run_dir"] = str(run_dir)
+    recipe["data"].update(datasets=[str(data["shards"])], text_tokenizer=str(data["spm"]))
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch_training(config: Path, *arguments: str, ranks: int = 2, env: dict | None = None,
+                    stdout=subprocess.PIPE) -> subprocess.Popen:
+    """`beit3 train` on `ranks` CPU processes under torchrun (gloo), as a user starts it on one machine."""
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--master_port", str(free_port()), "-m", "beit3.cli", "train", "--config", str(config), *arguments]
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, text=True, env=environment,
+                            cwd=REPO)
+
+
+def run_training(config: Path, *arguments: str, env: dict | None = None, timeout: float = 600) -> str:
+    process = launch_training(config, *arguments, env=env)
+    output, _ = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise AssertionError(f"training exited with {process.returncode}:\n{output[-6000:]}")
+    return output
+
+
+@contextmanager
+def mlflow_server(root: Path, startup_timeout: float = 120.0):
+    """`mlflow server` on a free loopback port with a SQLite store; yields its URL once /health answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start on {url}") from None
+            try:
+                process.wait(timeout=0.2)
+                raise RuntimeError("mlflow server exited during startup")
+            except subprocess.TimeoutExpired:
+                pass
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
