@@ -4,10 +4,10 @@ Stages pass a `ShardWork` along. A bad sample never stops a shard: it is dropped
 and a short reason, which the manifest reports.
 """
 
+import bisect
 import functools
 import gzip
 import io
-import itertools
 import json
 import tarfile
 import tempfile
@@ -247,8 +247,8 @@ def read_whole_lines(storage, name: str, start: int, stop: int) -> bytes:
     return data
 
 
-def iter_documents(text_file: TextFile, text_field: str, documents: str, work: ShardWork):
-    """Documents of one corpus file or part; malformed JSON lines and empty documents are counted, not fatal."""
+def _read_text(text_file: TextFile, work: ShardWork) -> str:
+    """The decoded text of one corpus file or part, NULs dropped; invalid UTF-8 is replaced and counted."""
     storage = open_storage(text_file.root)
     if text_file.stop is None:
         raw = _decompressed(text_file.name, storage.read_bytes(text_file.name))
@@ -259,61 +259,71 @@ def iter_documents(text_file: TextFile, text_field: str, documents: str, work: S
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
         work.repaired[(text_file.source, "invalid_utf8_replaced")] += 1
-    text = text.replace("\x00", "")
-    is_jsonl = ".jsonl" in text_file.name
-    chunks = text.split("\n\n") if documents == "paragraph" and not is_jsonl else text.split("\n")
-    for chunk in chunks:
-        if not chunk.strip():
+    return text.replace("\x00", "")
+
+
+def _json_documents(text: str, text_field: str, source: str, work: ShardWork) -> list[str]:
+    documents = []
+    for line in text.split("\n"):
+        if not line or line.isspace():
             continue
-        if is_jsonl:
-            try:
-                chunk = str(json.loads(chunk).get(text_field) or "")
-            except (json.JSONDecodeError, AttributeError):
-                work.skip(text_file.source, "bad_json")
-                continue
-        chunk = " ".join(chunk.split())
-        if chunk:
-            yield chunk
+        try:
+            document = " ".join(str(json.loads(line).get(text_field) or "").split())
+        except (json.JSONDecodeError, AttributeError):
+            work.skip(source, "bad_json")
+            continue
+        if document:
+            documents.append(document)
         else:
-            work.skip(text_file.source, "empty_text")
+            work.skip(source, "empty_text")
+    return documents
 
 
-def pack_documents(documents: list[list[int]], text_len: int) -> list[np.ndarray]:
-    """Pack documents (ids without bos/eos) into uint16 segments `[bos] body [eos]` of at most `text_len` ids.
+def read_documents(text_file: TextFile, text_field: str, documents: str, work: ShardWork) -> list[str]:
+    """The whitespace-normalised documents of one corpus file or part; malformed JSON lines and empty documents
+    are counted, not fatal. Blank lines of a text file are no documents and are not counted."""
+    text = _read_text(text_file, work)
+    if ".jsonl" in text_file.name:
+        return _json_documents(text, text_field, text_file.source, work)
+    chunks = text.split("\n\n") if documents == "paragraph" else text.split("\n")
+    # One comprehension over all chunks: per-document generator steps and checks cost as much as tokenizing.
+    return list(filter(None, [" ".join(chunk.split()) for chunk in chunks]))
+
+
+def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.ndarray:
+    """Pack documents (their ids end to end, without bos/eos, and each one's length) into `[bos] body [eos]`
+    rows of `text_len` uint16 ids, right-padded with `<pad>`.
 
     Documents in one segment are separated by eos; a document moves to a new segment when it does not fit in
-    what is left, and only a document longer than a whole segment is split across segments.
+    what is left, and only a document longer than a whole segment is split across segments (into whole
+    segments and a rest). Only the choice of segment boundaries is a Python loop, one step per segment; the
+    ids are moved by numpy.
     """
     capacity = text_len - 2
-    lengths = [len(ids) for ids in documents]
-    flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.uint16, count=sum(lengths))
-    segments: list[list[tuple[int, int]]] = []
-    current: list[tuple[int, int]] = []
-    used = position = 0
-    for length in lengths:
-        start, end = position, position + length
-        position = end
-        if current and used + 1 + length > capacity:
-            segments.append(current)
-            current, used = [], 0
-        used += 1 if current else 0
-        while used + end - start > capacity:
-            room = capacity - used
-            segments.append([*current, (start, start + room)])
-            current, used, start = [], 0, start + room
-        if end > start:
-            current.append((start, end))
-            used += end - start
-    if current:
-        segments.append(current)
-    bos, eos = np.array([BOS], dtype=np.uint16), np.array([EOS], dtype=np.uint16)
-    packed = []
-    for ranges in segments:
-        parts = [bos]
-        for start, end in ranges:
-            parts += [flat[start:end], eos]
-        packed.append(np.concatenate(parts))
-    return packed
+    lengths = np.asarray(lengths, dtype=np.int64)
+    pieces_per_document = np.maximum((lengths - 1) // capacity + 1, 1)
+    piece_lengths = np.full(int(pieces_per_document.sum()), capacity, dtype=np.int64)
+    piece_lengths[np.cumsum(pieces_per_document) - 1] = lengths - (pieces_per_document - 1) * capacity
+    # A piece joins a segment while the segment's pieces, each with the eos after it, fill at most capacity + 1
+    # places; an empty document takes one place too (the separator it would have had) but adds no ids.
+    fill_before = [0, *np.cumsum(piece_lengths + 1).tolist()]
+    nonempty = np.flatnonzero(piece_lengths)
+    first_nonempty_from = np.searchsorted(nonempty, np.arange(len(piece_lengths) + 1))
+    next_start = np.append(nonempty, len(piece_lengths))[first_nonempty_from].tolist()
+    bounds, first = [], next_start[0]
+    while first < len(piece_lengths):
+        stop = bisect.bisect_right(fill_before, fill_before[first] + capacity + 1, lo=first + 1) - 1
+        bounds.append((first, stop))
+        first = next_start[stop]
+    piece_ends = np.cumsum(piece_lengths)
+    stream = np.insert(ids.astype(np.uint16, copy=False), piece_ends[nonempty], EOS)
+    stream_before = np.concatenate([[0], np.cumsum(piece_lengths + (piece_lengths > 0))])
+    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+    row_lengths = stream_before[bounds[:, 1]] - stream_before[bounds[:, 0]]
+    rows = np.full((len(bounds), text_len), PAD, dtype=np.uint16)
+    rows[:, 0] = BOS
+    rows[:, 1:][np.arange(text_len - 1) < row_lengths[:, None]] = stream
+    return rows
 
 
 @functools.lru_cache(maxsize=8)
@@ -343,21 +353,17 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     source = next(s for s in config.sources if s.name == text_file.source)
     tokenizer = load_text_tokenizer(config.text_tokenizer)
     try:
-        documents = list(iter_documents(text_file, source.text_field, source.documents, work))
+        documents = read_documents(text_file, source.text_field, source.documents, work)
     except (StorageError, OSError, EOFError):
         work.skip(text_file.source, "unreadable_file")
         return work
-    bodies = tokenizer.encode_batch(documents, with_specials=False)
-    segments = pack_documents(bodies, config.text_len)
+    rows = pack_documents(*tokenizer.encode_concatenated(documents), config.text_len)
     block_size = config.text_segments_per_sample
-    for block_index, first in enumerate(range(0, len(segments), block_size)):
-        block = segments[first : first + block_size]
-        ids = np.full((len(block), config.text_len), PAD, dtype=np.uint16)
-        for row, segment in zip(ids, block):
-            row[: len(segment)] = segment
+    for block_index, first in enumerate(range(0, len(rows), block_size)):
+        block = rows[first : first + block_size]
         work.add(text_file.source, {
             "__key__": f"{text_file.source}-{text_file.index:06d}-{block_index:06d}",
-            "ids.npy": npy_bytes(ids),
+            "ids.npy": npy_bytes(block),
             "json": json_bytes({"file": text_file.name, "source": text_file.source, "start_byte": text_file.start,
                                 "first_segment": first, "segments": len(block)}),
         }, training_samples=len(block))

@@ -19,11 +19,11 @@ from beit3.config import ConfigError, validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.job import build, summary_table
 from beit3.data_pipeline.manifest import ManifestMismatch
-from beit3.data_pipeline.processing import ShardWork, iter_documents, pack_documents, read_whole_lines
+from beit3.data_pipeline.processing import ShardWork, pack_documents, read_documents, read_whole_lines
 from beit3.data_pipeline.sources import ShardPlan, TextFile, plan_shards
 from beit3.data_pipeline.storage import open_storage
 from beit3.data_pipeline.views import View, render_view
-from beit3.tokenizers.text import TextTokenizer
+from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer
 from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
 
 from s3_endpoint import CREDENTIALS
@@ -180,9 +180,14 @@ def test_per_class_tars_are_read_like_folders(ray_instance, inputs, tmp_path):
     assert labels == set(inputs["good"].values())
 
 
+def packed_rows(documents: list[list[int]], text_len: int) -> np.ndarray:
+    ids = np.array([i for document in documents for i in document], dtype=np.int32)
+    return pack_documents(ids, np.array([len(d) for d in documents]), text_len)
+
+
 def test_packing_keeps_documents_whole_when_they_fit():
     def packed(documents, text_len):
-        return [segment.tolist() for segment in pack_documents(documents, text_len)]
+        return [row[row != PAD].tolist() for row in packed_rows(documents, text_len)]
 
     assert packed([[5, 6], [7, 8, 9], [10]], text_len=8) == [[0, 5, 6, 2, 7, 8, 9, 2], [0, 10, 2]]
     assert packed([list(range(10, 23))], text_len=8) == [[0, 10, 11, 12, 13, 14, 15, 2],
@@ -190,6 +195,40 @@ def test_packing_keeps_documents_whole_when_they_fit():
     assert packed([[5, 6, 7], list(range(10, 17)), [8]], text_len=8) == [
         [0, 5, 6, 7, 2], [0, 10, 11, 12, 13, 14, 15, 2], [0, 16, 2, 8, 2]]
     assert packed([], text_len=8) == []
+    assert packed_rows([[5]], text_len=6).tolist() == [[0, 5, 2, 1, 1, 1]]
+
+
+def packed_one_document_at_a_time(documents: list[list[int]], text_len: int) -> list[list[int]]:
+    """The packing rule stated one document at a time. An empty document adds no ids but still takes the place
+    of a separator when deciding whether the next document fits."""
+    capacity = text_len - 2
+    segments, current, used = [], None, 0
+    for ids in documents:
+        if current is not None and used + 1 + len(ids) > capacity:
+            segments.append(current)
+            current = None
+        if current is not None:
+            used += 1 + len(ids)
+            current += [*ids, EOS] if ids else []
+            continue
+        while len(ids) > capacity:
+            segments.append([*ids[:capacity], EOS])
+            ids = ids[capacity:]
+        if ids:
+            current, used = [*ids, EOS], len(ids)
+    segments += [current] if current is not None else []
+    return [[BOS, *body] + [PAD] * (text_len - 1 - len(body)) for body in segments]
+
+
+@pytest.mark.parametrize("text_len", [3, 8, 16])
+def test_packing_matches_the_rule_stated_per_document(text_len):
+    rng = np.random.default_rng(text_len)
+    capacity = text_len - 2
+    length_choices = [0, 0, 1, 2, capacity - 1, capacity, capacity + 1, 2 * capacity, 3 * capacity + 1]
+    for _ in range(40):
+        lengths = rng.choice(length_choices, size=rng.integers(0, 30))
+        documents = [rng.integers(4, 60_000, size=n).tolist() for n in lengths]
+        assert packed_rows(documents, text_len).tolist() == packed_one_document_at_a_time(documents, text_len)
 
 
 def test_config_errors_name_the_field(inputs, tmp_path):
@@ -242,7 +281,7 @@ def test_table_without_the_configured_columns_fails_before_work(inputs, tmp_path
 def test_paragraph_documents_and_whitespace(tmp_path):
     (tmp_path / "book.txt").write_text("First paragraph\nwraps here.\n\n\nSecond  one.\n", encoding="utf-8")
     work = ShardWork(ShardPlan("text", 0, ()))
-    documents = list(iter_documents(TextFile("books", str(tmp_path), "book.txt", 0), "text", "paragraph", work))
+    documents = read_documents(TextFile("books", str(tmp_path), "book.txt", 0), "text", "paragraph", work)
     assert documents == ["First paragraph wraps here.", "Second one."] and not work.skipped
 
 

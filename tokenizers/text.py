@@ -8,6 +8,7 @@ Ids: `<s>` = 0 (bos/cls), `<pad>` = 1, `</s>` = 2 (eos), `<unk>` = 3, every othe
 import os
 from pathlib import Path
 
+import numpy as np
 import sentencepiece
 import torch
 from sentencepiece import sentencepiece_model_pb2
@@ -107,6 +108,13 @@ class TextTokenizer:
         if max_len is not None and sequences and max(map(len, sequences)) > max_len:
             sequences = [truncate(sequence, max_len) for sequence in sequences]
         return sequences
+
+    def encode_concatenated(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of many texts (no bos/eos) end to end in one int32 array, and each text's length: what packing
+        needs, taken from SentencePiece's array output instead of a Python int per id."""
+        arrays = self.layout.Encode(list(texts), return_type="numpy", num_threads=self.num_threads)
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        return (np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)), lengths
 
     def pad(self, sequences: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to `length` (default: the longest); returns (ids [B, L], padding mask [B, L], True on pads)."""
