@@ -109,6 +109,22 @@ class StepTotals:
         return torch.tensor(values + list(self.tokens.values()), dtype=torch.float64)
 
 
+def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype, visual_tokenizer=None) -> dict:
+    """Move a micro-batch to the device in the training precision; with `visual_codes: on_the_fly`, tokenize
+    the view there (the pipeline's stored codes are skipped)."""
+    moved = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point() and name != "tokenizer_image":
+                value = value.to(float_dtype)
+        moved[name] = value
+    if "tokenizer_image" in moved:
+        with torch.no_grad():
+            moved["codes"] = visual_tokenizer.encode(moved.pop("tokenizer_image")).flatten(1)
+    return moved
+
+
 class Trainer:
     """One optimizer step at a time over the three streams; the loop and checkpoints live in `train()`."""
 
@@ -123,25 +139,12 @@ class Trainer:
         self.weights = config.loss_weights.model_dump()
         self.float_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
 
-    def _to_device(self, batch: dict) -> dict:
-        moved = {}
-        for name, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, non_blocking=True)
-                if value.is_floating_point() and name != "tokenizer_image":
-                    value = value.to(self.float_dtype)
-            moved[name] = value
-        if "tokenizer_image" in moved:
-            with torch.no_grad():
-                moved["codes"] = self.visual_tokenizer.encode(moved.pop("tokenizer_image")).flatten(1)
-        return moved
-
     def train_step(self) -> StepTotals:
         totals = StepTotals()
         for _ in range(self.split.accumulation):
             loss = torch.zeros((), device=self.device)
             for stream, iterator in self.streams.items():
-                batch = self._to_device(next(iterator))
+                batch = to_device(next(iterator), self.device, self.float_dtype, self.visual_tokenizer)
                 totals.keys += batch["keys"]
                 totals.tokens[stream] += self._tokens(stream, batch)
                 for component, (part, correct, count) in masked_prediction(self.engine, stream, batch).items():

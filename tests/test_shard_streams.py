@@ -1,0 +1,146 @@
+"""The training streams over shards the real pipeline wrote: order, resume, sharding over ranks and workers,
+view replay against the stored codes, and clear errors for shards that cannot serve the run."""
+
+import shutil
+
+import pytest
+import torch
+
+from beit3.pretrain.shard_streams import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    MicroBatchStream,
+    ShardDataError,
+    StreamSettings,
+    build_loader,
+    read_shard_samples,
+    shards_for_worker,
+    stream_shards,
+)
+from beit3.tokenizers.text import TextTokenizer
+from beit3.tokenizers.visual import RandomProjectionTokenizer, VisualTokenizerConfig
+
+
+def settings(stream, tokenizer_mask_id, **overrides) -> StreamSettings:
+    values = dict(stream=stream, micro_batch=3, seed=5, image_size=112, grid=7, mask_id=tokenizer_mask_id,
+                  shuffle_window_shards=2)
+    return StreamSettings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mask_id(training_data):
+    return TextTokenizer(training_data["spm"]).mask_id
+
+
+def take(loader, count):
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+@pytest.mark.parametrize("stream", ["image", "text", "pair"])
+def test_resumed_stream_continues_exactly_where_it_stopped(training_data, mask_id, stream):
+    shards = stream_shards([str(training_data["shards"])], stream)
+    full = take(build_loader(MicroBatchStream(shards, settings(stream, mask_id), 0, 2), workers=2,
+                             prefetch_batches=1), 7)
+    resumed = take(build_loader(MicroBatchStream(shards, settings(stream, mask_id), 0, 2, start_micro_batches=3),
+                                workers=2, prefetch_batches=1), 4)
+    for ours, theirs in zip(resumed, full[3:]):
+        assert ours["keys"] == theirs["keys"]
+        for name, value in ours.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, theirs[name]), name
+
+
+def test_shards_are_dealt_to_ranks_and_workers_without_overlap(training_data):
+    shards = stream_shards([str(training_data["shards"])], "text")
+    for epoch in (0, 1):
+        dealt = [shards_for_worker(shards, 5, "text", epoch, rank, 2, worker, 2) for rank in (0, 1)
+                 for worker in (0, 1)]
+        names = [ref.name for part in dealt for ref in part]
+        assert sorted(names) == sorted(ref.name for ref in shards)
+    first = [ref.name for ref in shards_for_worker(shards, 5, "text", 0, 0, 2, 0, 1)]
+    second = [ref.name for ref in shards_for_worker(shards, 5, "text", 1, 0, 2, 0, 1)]
+    assert first != second, "each epoch reshuffles"
+
+
+def test_one_epoch_on_one_rank_sees_every_sample_once(training_data, mask_id):
+    shards = stream_shards([str(training_data["shards"])], "pair")
+    total = sum(ref.samples for ref in shards)
+    stream = MicroBatchStream(shards, settings("pair", mask_id, micro_batch=1), rank=0, world_size=1)
+    keys = [batch["keys"][0] for batch in take(build_loader(stream, workers=0, prefetch_batches=1), total)]
+    assert len(set(keys)) == total == 48
+
+
+def test_replayed_view_reproduces_the_stored_codes(training_data, mask_id):
+    """Without colour jitter, the loader's image is the view the pipeline tokenized: the same tokenizer gives
+    the stored codes back."""
+    shards = stream_shards([str(training_data["shards"])], "image")
+    stream = MicroBatchStream(shards, settings("image", mask_id, color_jitter=0.0), rank=0, world_size=1)
+    batch = take(build_loader(stream, workers=0, prefetch_batches=1), 1)[0]
+    tokenizer = RandomProjectionTokenizer(VisualTokenizerConfig(kind="random", seed=0, patch_size=16,
+                                                                codebook_size=1024))
+    pixels = batch["image"] * IMAGE_STD + IMAGE_MEAN
+    codes = tokenizer.encode(pixels).flatten(1)
+    assert (codes == batch["codes"]).float().mean() > 0.98
+    assert batch["image_mask"].sum(1).tolist() == [round(0.4 * 49)] * 3
+
+
+def test_colour_jitter_is_seeded_per_sample(training_data, mask_id):
+    shards = stream_shards([str(training_data["shards"])], "image")
+    plain, jittered, again = (
+        take(build_loader(MicroBatchStream(shards, settings("image", mask_id, color_jitter=strength), 0, 1),
+                          workers=0, prefetch_batches=1), 1)[0]["image"] for strength in (0.0, 0.4, 0.4))
+    assert torch.equal(jittered, again) and not torch.equal(plain, jittered)
+
+
+def test_texts_and_captions_are_masked_at_their_rates(training_data, mask_id):
+    shards = stream_shards([str(training_data["shards"])], "text")
+    batch = take(build_loader(MicroBatchStream(shards, settings("text", mask_id, micro_batch=64), 0, 1),
+                              workers=0, prefetch_batches=1), 1)[0]
+    eligible = (~batch["text_padding_mask"]) & (batch["labels"] > 3)
+    rate = batch["text_prediction_mask"].sum() / eligible.sum()
+    assert 0.12 < rate < 0.18
+    assert (batch["text"][batch["text_prediction_mask"]] == mask_id).float().mean() > 0.6
+    assert not batch["text_prediction_mask"][batch["text_padding_mask"]].any()
+
+
+def test_altered_shard_is_refused(training_data, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(training_data["shards"], copy)
+    (ref,) = [r for r in stream_shards([str(copy)], "image") if r.name == "image-000000.tar"]
+    data = bytearray((copy / ref.name).read_bytes())
+    data[1000] ^= 0xFF
+    (copy / ref.name).write_bytes(bytes(data))
+    with pytest.raises(ShardDataError, match="image-000000.tar: sha256 differs from the manifest"):
+        read_shard_samples(ref, verify_sha256=True)
+
+
+def test_codes_for_another_grid_are_a_clear_error(training_data, mask_id):
+    shards = stream_shards([str(training_data["shards"])], "image")
+    stream = MicroBatchStream(shards, settings("image", mask_id, grid=14, image_size=224), rank=0, world_size=1)
+    with pytest.raises(ShardDataError, match="stored codes are a 7x7 grid but the model has 14x14 patches"):
+        take(build_loader(stream, workers=0, prefetch_batches=1), 1)
+
+
+def test_too_few_shards_for_the_workers_is_a_clear_error(training_data, mask_id):
+    shards = stream_shards([str(training_data["shards"])], "image")[:1]
+    stream = MicroBatchStream(shards, settings("image", mask_id), rank=1, world_size=2)
+    with pytest.raises(ShardDataError, match="1 shards cannot feed 2 ranks x 1 loader workers"):
+        take(build_loader(stream, workers=0, prefetch_batches=1), 1)
+
+
+def test_codes_computed_on_the_fly_match_the_stored_ones(training_data, mask_id):
+    """`visual_codes: on_the_fly`: the loader hands over the un-jittered view at the tokenizer's size and the
+    trainer tokenizes it on the device; with the pipeline's tokenizer that gives the stored codes."""
+    from beit3.pretrain.trainer import to_device
+
+    shards = stream_shards([str(training_data["shards"])], "image")
+    stored = take(build_loader(MicroBatchStream(shards, settings("image", mask_id), 0, 1), 0, 1), 1)[0]
+    on_the_fly = take(build_loader(MicroBatchStream(shards, settings("image", mask_id, tokenizer_view_size=112),
+                                                    0, 1), 0, 1), 1)[0]
+    assert "codes" not in on_the_fly and on_the_fly["keys"] == stored["keys"]
+    tokenizer = RandomProjectionTokenizer(VisualTokenizerConfig(kind="random", seed=0, patch_size=16,
+                                                                codebook_size=1024))
+    moved = to_device(on_the_fly, torch.device("cpu"), torch.float32, tokenizer)
+    assert (moved["codes"] == stored["codes"]).float().mean() > 0.98
+    assert torch.equal(moved["image"], stored["image"])

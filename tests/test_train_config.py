@@ -1,0 +1,159 @@
+"""The pretrain schema, what is derived from it (batch split, DeepSpeed JSON, schedule, parameter groups), and
+the checks that stop a run before it starts."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from beit3.config import ConfigError, validate_config
+from beit3.pretrain.checkpoints import CheckpointError, mark_latest
+from beit3.pretrain.model import MultiwayTransformer
+from beit3.pretrain.optimization import learning_rate, parameter_groups
+from beit3.pretrain.shard_streams import ShardDataError
+from beit3.pretrain.train_config import (
+    OptimizerSettings,
+    PretrainConfig,
+    deepspeed_config,
+    load_pretrain_config,
+    split_batch,
+)
+from beit3.pretrain.trainer import RUN_STATE, ResumeError, preflight, resume_fingerprint
+from conftest import REPO, model_config
+from training_fixtures import tiny_recipe
+
+RECIPES = REPO / "configs" / "pretrain"
+
+
+@pytest.mark.parametrize("name", ["giant_paper", "base_released", "tiny_cpu"])
+def test_shipped_recipes_load(name):
+    config = load_pretrain_config(RECIPES / f"{name}.yaml")
+    assert config.optimizer.betas == (0.9, 0.98) and config.optimizer.gradient_clipping == 3.0
+
+
+def test_paper_recipe_matches_the_paper():
+    config = load_pretrain_config(RECIPES / "giant_paper.yaml")
+    assert (config.batch.image, config.batch.text, config.batch.pair) == (2048, 2048, 2048)
+    assert config.model.layers == 40 and config.model.hidden == 1408 and config.model.drop_path == 0.1
+    assert (config.optimizer.peak_lr, config.optimizer.warmup_steps, config.steps) == (1e-3, 10_000, 1_000_000)
+    assert (config.optimizer.eps, config.optimizer.weight_decay, config.augment.color_jitter) == (1e-6, 0.05, 0.4)
+    split = split_batch(config.batch, world_size=64)
+    assert split.micro == {"image": 16, "text": 16, "pair": 16} and split.accumulation == 2
+
+
+def test_counts_that_do_not_divide_are_rejected_naming_the_stream():
+    config = load_pretrain_config(RECIPES / "giant_paper.yaml")
+    with pytest.raises(ConfigError, match=r"batch\.image: 2048 samples per step do not divide over 48 ranks x 2"):
+        split_batch(config.batch, world_size=48)
+
+
+def test_deepspeed_json_is_derived_from_the_config():
+    config = load_pretrain_config(RECIPES / "giant_paper.yaml")
+    config = config.model_copy(update={"zero": config.zero.model_copy(update={"stage": 3, "offload_optimizer": True})})
+    derived = deepspeed_config(config, split_batch(config.batch, 64))
+    assert derived["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    assert derived["bf16"] == {"enabled": True} and derived["gradient_clipping"] == 3.0
+    assert derived["gradient_accumulation_steps"] == 2 and derived["train_micro_batch_size_per_gpu"] == 16
+    json.dumps(derived)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero": {"stage": 4}}, r"zero\.stage"),
+    ({"optimizer": {"peak_lr": "fast"}}, r"optimizer\.peak_lr"),
+    ({"batch": {"images": 8}}, r"batch\.images: unknown field"),
+    ({"zero": {"stage": 2, "offload_parameters": True}}, r"offload_parameters needs zero\.stage 3"),
+    ({"data": {"datasets": ["x"], "text_tokenizer": "y", "visual_codes": "on_the_fly"}}, r"visual_tokenizer"),
+    ({"batch": {"image": 0, "text": 0, "pair": 0}}, r"at least one"),
+])
+def test_bad_fields_are_named(tmp_path, change, message):
+    raw = yaml.safe_load((RECIPES / "tiny_cpu.yaml").read_text())
+    raw["model"] = model_config("tiny").model_dump()
+    del raw["model_overrides"]
+    for key, value in change.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    with pytest.raises(ConfigError, match=message):
+        validate_config(PretrainConfig, raw, "recipe.yaml")
+
+
+def test_missing_model_file_is_named(tmp_path):
+    raw = yaml.safe_load((RECIPES / "tiny_cpu.yaml").read_text())
+    raw["model"] = "../model/nonexistent.yaml"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="model config ../model/nonexistent.yaml not found"):
+        load_pretrain_config(tmp_path / "sub" / "recipe.yaml")
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine():
+    settings = OptimizerSettings(peak_lr=1e-3, min_lr=1e-5, warmup_steps=100)
+    assert learning_rate(0, settings, 1000) == pytest.approx(1e-5)
+    assert learning_rate(99, settings, 1000) == pytest.approx(1e-3)
+    assert learning_rate(550, settings, 1000) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(1000, settings, 1000) == pytest.approx(1e-5)
+
+
+def test_no_weight_decay_on_biases_norms_positions_and_special_tokens():
+    model = MultiwayTransformer(model_config("tiny", vocab_size=100, visual_vocab_size=100))
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"vision_pos_embed", "text_pos_embed", "vision_embed.cls_token", "vision_embed.mask_token"} <= exempt
+    assert all(n.endswith(".bias") or "norm" in n or n in exempt for n in exempt)
+    assert "layers.0.ffn.vision.fc1.weight" in {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def _config(run_dir, data, **overrides) -> PretrainConfig:
+    recipe = tiny_recipe(run_dir, data, **overrides)
+    raw_model = yaml.safe_load(Path(recipe["model"]).read_text())
+    recipe["model"] = {**raw_model, **recipe.pop("model_overrides")}
+    return validate_config(PretrainConfig, recipe, "recipe")
+
+
+def test_preflight_passes_on_good_data(tmp_path, training_data):
+    checked = preflight(_config(tmp_path / "run", training_data), world_size=2)
+    assert checked.tag is None and set(checked.shards) == {"image", "text", "pair"}
+
+
+def test_missing_shards_fail_before_training(tmp_path, training_data):
+    copy = tmp_path / "shards"
+    shutil.copytree(training_data["shards"], copy)
+    (copy / "pair-000000.tar").unlink()
+    data = {**training_data, "shards": copy}
+    with pytest.raises(ShardDataError, match="missing, e.g. pair-000000.tar"):
+        preflight(_config(tmp_path / "run", data), world_size=2)
+
+
+def test_tokenizer_larger_than_the_model_fails(tmp_path, training_data):
+    with pytest.raises(ConfigError, match="model.vocab_size: 100 is smaller"):
+        preflight(_config(tmp_path / "run", training_data, model_overrides={"vocab_size": 100}), world_size=2)
+
+
+def _fake_checkpoint(config: PretrainConfig, world_size: int, manifests: dict) -> None:
+    run_dir = Path(config.run_dir)
+    (run_dir / "checkpoints" / "step-00000004").mkdir(parents=True)
+    mark_latest(run_dir / "checkpoints", "step-00000004")
+    (run_dir / RUN_STATE).write_text(json.dumps({"fingerprint": resume_fingerprint(config, world_size),
+                                                 "manifests": manifests}))
+
+
+def test_resume_refuses_changed_settings_data_or_world_size(tmp_path, training_data):
+    config = _config(tmp_path / "run", training_data)
+    checked = preflight(config, world_size=2)
+    _fake_checkpoint(config, 2, checked.manifests)
+    assert preflight(config, world_size=2).tag == "step-00000004"
+    with pytest.raises(ResumeError, match="seed: was 0, now 7"):
+        preflight(config.model_copy(update={"seed": 7}), world_size=2)
+    with pytest.raises(ResumeError, match="world_size: was 2, now 4"):
+        preflight(config, world_size=4)
+    (tmp_path / "run" / RUN_STATE).write_text(json.dumps({"fingerprint": resume_fingerprint(config, 2),
+                                                          "manifests": {str(training_data["shards"]): "0" * 64}}))
+    with pytest.raises(ResumeError, match="manifest of .* changed since the run started"):
+        preflight(config, world_size=2)
+
+
+def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path, training_data):
+    with pytest.raises(CheckpointError, match="--resume: no checkpoint"):
+        preflight(_config(tmp_path / "run", training_data), world_size=2, require_resume=True)
