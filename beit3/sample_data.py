@@ -6,17 +6,23 @@
 - image-text pairs: generated pictures of coloured shapes with captions that describe them, as COCO-style
   annotations (the only part that is synthetic: no captioned photographs ship with the packages).
 
-`write_sample_corpora` writes the raw inputs; `sample_data_config` describes a pipeline build over them.
+`write_sample_corpora` writes the raw inputs; `sample_data_config` describes a pipeline build over them;
+`build_sample_dataset` does both, trains a text tokenizer on the text and runs `beit3 data build`.
 """
 
 import importlib
 import inspect
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
+import yaml
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+from beit3.tokenizers.text_training import train_text_tokenizer
 
 PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
 STDLIB_MODULES = ("collections", "itertools", "functools", "json", "pathlib", "random", "statistics", "string",
@@ -119,3 +125,18 @@ def sample_data_config(root: Path, spm: Path, output: str, image_size: int = 112
         "visual_tokenizer": {"kind": "random", "seed": 0, "patch_size": patch_size, "codebook_size": 1024},
         "ray": {"tokenizer_actors": 1},
     }
+
+
+def build_sample_dataset(root: Path, quiet: bool = True) -> dict:
+    """Raw sample corpora, a 1,000-piece text tokenizer and their shards (`beit3 data build` in a process of
+    its own, as a user runs it); returns {"shards": folder, "spm": model path}."""
+    write_sample_corpora(root / "raw")
+    spm = train_text_tokenizer(sorted((root / "raw" / "text").glob("*.txt")), root / "spm", vocab_size=1000,
+                               num_threads=1).model_path
+    data_yaml = root / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(sample_data_config(root / "raw", spm, str(root / "shards"))))
+    command = [sys.executable, "-m", "beit3.cli", "data", "build", "--config", str(data_yaml)]
+    built = subprocess.run(command + (["--quiet"] if quiet else []), capture_output=quiet, text=True, cwd=root)
+    if built.returncode != 0:
+        raise RuntimeError(f"data build failed:\n{(built.stderr or '')[-4000:]}")
+    return {"shards": root / "shards", "spm": spm}

@@ -362,7 +362,7 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
                 log.write(json.dumps({"step": step, "samples": len(totals.keys), "sha256": digest}) + "\n")
             if rank == 0:
                 with (run_dir / "metrics.jsonl").open("a") as log:
-                    log.write(json.dumps({"step": step, **metrics}) + "\n")
+                    log.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
                 if step % config.log_every_steps == 0 or step == last_step:
                     sink.log_metrics(metrics, step)
                     print(f"step {step:>7d}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "

@@ -44,9 +44,9 @@ def s3_bucket(monkeypatch, s3_endpoint_url) -> str:
 @pytest.fixture(scope="session")
 def training_data(tmp_path_factory) -> dict:
     """Sample shards made by the real pipeline, with codes that fit the tiny model (built once per session)."""
-    from training_fixtures import build_training_data
+    from beit3.sample_data import build_sample_dataset
 
-    return build_training_data(tmp_path_factory.mktemp("training-data"))
+    return build_sample_dataset(tmp_path_factory.mktemp("training-data"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""Real parts for trainer tests: sample shards built by `beit3 data build`, an MLflow server on loopback, and
-2-rank CPU launches of `beit3 train` under torchrun."""
+"""Real parts for trainer tests: an MLflow server on loopback and 2-rank CPU launches of `beit3 train` under
+torchrun (the shards come from `beit3.sample_data.build_sample_dataset`)."""
 
 import os
 import subprocess
@@ -12,26 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from beit3.sample_data import sample_data_config, write_sample_corpora
-from beit3.tokenizers.text_training import train_text_tokenizer
 from s3_endpoint import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
-
-
-def build_training_data(root: Path) -> dict:
-    """The sample corpora through the real pipeline, in a process of its own (as a user runs it)."""
-    write_sample_corpora(root / "raw")
-    spm = train_text_tokenizer(sorted((root / "raw" / "text").glob("*.txt")), root / "spm", vocab_size=1000,
-                               num_threads=1).model_path
-    data_yaml = root / "data.yaml"
-    data_yaml.write_text(yaml.safe_dump(sample_data_config(root / "raw", spm, str(root / "shards"))))
-    built = subprocess.run([sys.executable, "-m", "beit3.cli", "data", "build", "--config", str(data_yaml),
-                            "--quiet"], capture_output=True, text=True, cwd=root)
-    if built.returncode != 0:
-        raise AssertionError(f"data build failed:\n{built.stderr[-4000:]}")
-    return {"shards": root / "shards", "spm": spm}
 
 
 def tiny_recipe(run_dir: Path, data: dict, **overrides) -> dict:
