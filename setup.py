@@ -18,7 +18,7 @@ setup(
     packages=list(SUBPACKAGES),
     package_dir=SUBPACKAGES,
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "torchvision",
         "timm>=1.0",
         "deepspeed>=0.15",
@@ -36,6 +36,7 @@ setup(
         "safetensors",
         "tqdm",
         "matplotlib",
+        "psutil",
     ],
     extras_require={
         "dev": [
