@@ -91,8 +91,12 @@ def main(argv=None):
             for path in image_paths:
                 resize_shorter_side(Image.open(path).convert("RGB"), config.image.shorter_side)
 
+        def store(work):
+            for data, entry in finish_shard(work, config):
+                storage.write_atomic(f"stages/{entry['name']}", data)
+
         def pipeline_images():
-            storage.write_atomic("image.tar", finish_shard(prepare_images(image_plan, config))[0])
+            store(prepare_images(image_plan, config))
 
         documents = [" ".join(line.split()) for line in corpus.read_text(encoding="utf-8").splitlines()]
         bare_processor = sentencepiece.SentencePieceProcessor(model_file=str(spm), num_threads=1)
@@ -102,7 +106,7 @@ def main(argv=None):
             bare_processor.Encode(documents, num_threads=1)
 
         def pipeline_text():
-            storage.write_atomic("text.tar", finish_shard(prepare_text(text_plan, config))[0])
+            store(prepare_text(text_plan, config))
 
         pipeline_text()  # loads the tokenizer once, as a worker does before its first shard
         times = {name: median_of(args.repeats, work) for name, work in

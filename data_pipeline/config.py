@@ -34,7 +34,7 @@ class TextSource(_Strict):
 
 class WebDatasetPairSource(_Strict):
     """Image-text pairs already in WebDataset tars, in the common downloader layout (`jpg` + `txt` + `json`).
-    Each input tar becomes one output shard."""
+    Each input tar becomes one planned shard (read once)."""
 
     kind: Literal["pairs_webdataset"]
     name: str = SOURCE_NAME
@@ -86,10 +86,24 @@ class RaySettings(_Strict):
 
 
 class DataConfig(_Strict):
+    """A data build: sources, shard sizes, image and text settings, tokenizers, Ray.
+
+    Shard sizes: the plan fixes the samples of every planned shard `{kind}-{index:06d}.tar` before any work
+    (`samples_per_shard` class-folder images or table/COCO pairs, one input tar, one text file or
+    `text_shard_bytes` part of one). Output sizes are only known once a shard is built, so the byte target is
+    applied when writing: a planned shard's entries fill consecutive tars, each closed at `samples_per_shard`
+    images or pairs or before the next entry would take it past `shard_bytes` (an entry larger than that gets a
+    tar of its own). The first tar keeps the planned name; further parts are `{kind}-{index:06d}-{part:03d}.tar`.
+    Parts depend only on the planned shard's samples, so they are as deterministic as the plan, and a planned
+    shard is listed in the manifest only once all its parts are stored.
+    """
+
     name: str
     output: str = Field(description="Local folder or s3:// prefix for the shards and the manifest.")
     seed: int = 0
     samples_per_shard: int = Field(1000, gt=0, description="Images or pairs per shard.")
+    shard_bytes: int = Field(2**30, gt=0, description="Shard files are closed before they exceed this many bytes "
+                             "(see the class docstring).")
     text_shard_bytes: int = Field(
         64 * 2**20, gt=0, description="Uncompressed line-per-document corpus files are split into parts of this "
         "many input bytes, one text shard each; compressed and paragraph files give one shard per file."

@@ -1,10 +1,11 @@
 """`beit3 data build`: the Ray Data job that turns the configured sources into shards and a manifest.
 
-One row per shard flows through the stages: prepare (read, validate, resize, choose views; tokenize and pack
-text) -> visual codes (an actor pool, one GPU per actor when the cluster has GPUs) -> write (tar to storage).
-The driver adds each written shard to the manifest as it arrives (saving it every twentieth of progress and at
-the end). Shards already in the manifest are skipped, so a re-run after an interruption finishes the job with
-the same result as an uninterrupted run.
+One row per planned shard flows through the stages: prepare (read, validate, resize, choose views; tokenize and
+pack text) -> visual codes (an actor pool, one GPU per actor when the cluster has GPUs) -> write (the tar, or
+its parts when it exceeds the sample or byte target, to storage). The driver adds each planned shard's files to
+the manifest once all are stored (saving it every twentieth of progress and at the end). Planned shards already
+in the manifest are skipped, so a re-run after an interruption finishes the job with the same result as an
+uninterrupted run.
 """
 
 import json
@@ -49,21 +50,15 @@ class _VisualCodes:
         return {"work": pickle.dumps(add_codes(pickle.loads(row["work"]), self.tokenizer))}
 
 
-def _write(row: dict, output: str) -> dict:
-    work = pickle.loads(row["work"])
-    data, record = finish_shard(work)
-    if data:
-        open_storage(output).write_atomic(record.name, data)
-
-    def by_source(counter):
-        grouped: dict[str, dict[str, int]] = {}
-        for (source, reason), count in counter.items():
-            grouped.setdefault(source, {})[reason] = count
-        return grouped
-
-    entry = {**record.__dict__, "written": dict(work.written), "skipped": by_source(work.skipped),
-             "repaired": by_source(work.repaired)}
-    return {"entry": json.dumps(entry)}
+def _write(row: dict, config_json: str) -> dict:
+    """Store the planned shard's tars (each atomically); the driver lists them once all are stored."""
+    config = DataConfig.model_validate_json(config_json)
+    parts = finish_shard(pickle.loads(row["work"]), config)
+    storage = open_storage(config.output)
+    for data, entry in parts:
+        if data:
+            storage.write_atomic(entry["name"], data)
+    return {"entries": json.dumps([entry for _, entry in parts])}
 
 
 @dataclass
@@ -104,12 +99,12 @@ def _run(config, todo, manifest, storage, address, progress):
                 gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
             dataset = dataset.map(_VisualCodes, fn_constructor_kwargs={"config_json": config_json},
                                   concurrency=config.ray.tokenizer_actors, num_gpus=gpus)
-        dataset = dataset.map(_write, fn_kwargs={"output": config.output})
+        dataset = dataset.map(_write, fn_kwargs={"config_json": config_json})
         unsaved = 0
         with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
             try:
                 for row in dataset.iter_rows():
-                    manifest.add(json.loads(row["entry"]))
+                    manifest.add(json.loads(row["entries"]))
                     unsaved += 1
                     # Rewriting the whole manifest after every shard would cost quadratic bytes on a long job;
                     # saving after a twentieth more keeps the total linear. Unsaved shards are simply redone.
@@ -134,7 +129,9 @@ def summary_table(result: BuildResult) -> str:
         repaired = ", ".join(f"{r}: {n}" for r, n in sorted(counts["repaired"].items()))
         lines.append(f"{source:<20}{counts['written']:>10}  {reasons}" + (f"  (repaired {repaired})" if repaired
                                                                           else ""))
-    lines.append(f"{len(result.manifest.shards)} shards ({result.shards_built} built now, {result.shards_skipped} "
-                 f"already done), {written:,} samples, {result.seconds:.1f}s, "
+    files = sum(1 for entry in result.manifest.shards.values() if entry["samples"])
+    planned = result.shards_built + result.shards_skipped
+    lines.append(f"{files} shard files for {planned} planned shards ({result.shards_built} built now, "
+                 f"{result.shards_skipped} already done), {written:,} samples, {result.seconds:.1f}s, "
                  f"{written / max(result.seconds, 1e-9):.1f} samples/s")
     return "\n".join(lines)

@@ -1,9 +1,11 @@
-"""The manifest: every finished shard with its sample count, bytes and sha256, and per-source counts.
+"""The manifest: every finished shard file with its sample count, bytes and sha256, and per-source counts.
 
-A planned shard whose every input was skipped is listed with zero samples and has no file.
+Each file names the planned shard it belongs to (`shard`): the planned shard itself, or a further part of one
+that exceeded the sample or byte target. A planned shard whose every input was skipped is listed with zero
+samples and has no file.
 
-It is rewritten atomically as shards complete, and a shard enters it only once its tar is fully stored, so
-the manifest never names a partial shard. It also records a digest of the content-defining
+It is rewritten atomically as shards complete, and a planned shard enters it only once all its tars are fully
+stored, so the manifest never names a partial shard. It also records a digest of the content-defining
 config, so that a resumed job refuses to mix shards built under different settings.
 """
 
@@ -16,7 +18,7 @@ from .config import DataConfig
 from .storage import Storage
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ManifestMismatch(ValueError):
@@ -34,14 +36,20 @@ class Manifest:
     name: str
     config_digest: str
     shards: dict[str, dict] = field(default_factory=dict)
+    files_of: dict[str, list[str]] = field(default_factory=dict)
+    """Planned shard name -> the names of its files."""
 
-    def add(self, entry: dict) -> None:
-        self.shards[entry["name"]] = entry
+    def add(self, entries: list[dict]) -> None:
+        """The entries of one planned shard's files, all stored."""
+        for entry in entries:
+            self.shards[entry["name"]] = entry
+        self.files_of[entries[0]["shard"]] = [entry["name"] for entry in entries]
 
-    def is_done(self, name: str, storage: Storage) -> bool:
-        """Listed and stored; a shard all of whose inputs were skipped is listed with no samples and no file."""
-        entry = self.shards.get(name)
-        return entry is not None and (entry["samples"] == 0 or storage.exists(name))
+    def is_done(self, shard: str, storage: Storage) -> bool:
+        """Listed and stored, every part; a shard all of whose inputs were skipped is listed with no samples and
+        no file."""
+        names = self.files_of.get(shard)
+        return bool(names) and all(self.shards[name]["samples"] == 0 or storage.exists(name) for name in names)
 
     def totals(self) -> dict[str, dict]:
         """Per source: samples written, skipped by reason, and inputs repaired by reason."""
@@ -79,4 +87,8 @@ def load_or_start(storage: Storage, config: DataConfig) -> Manifest:
             f"{document.get('config_digest', '?')[:12]}, this config {digest[:12]}); write to a new output "
             "or restore the config it was built with"
         )
-    return Manifest(document["name"], digest, {entry["name"]: entry for entry in document["shards"]})
+    manifest = Manifest(document["name"], digest)
+    for entry in document["shards"]:
+        manifest.shards[entry["name"]] = entry
+        manifest.files_of.setdefault(entry["shard"], []).append(entry["name"])
+    return manifest

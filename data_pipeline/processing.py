@@ -24,7 +24,7 @@ from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer, truncate
 from beit3.tokenizers.visual import VisualTokenizer
 
 from .config import DataConfig
-from .shards import ShardRecord, json_bytes, npy_bytes, tar_bytes
+from .shards import ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar_bytes, shard_name, tar_bytes
 from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile
 from .storage import StorageError, open_storage
 from .views import choose_views, render_view, resize_shorter_side
@@ -35,11 +35,12 @@ CODE_BATCH = 64
 
 @dataclass
 class ShardWork:
-    """A shard on its way through the stages, with per-source counts of what was written, skipped, repaired."""
+    """A shard on its way through the stages: its tar entries, each with its source and training-sample count,
+    and per-source counts of what was skipped and repaired."""
 
     plan: ShardPlan
     samples: list[dict] = field(default_factory=list)
-    written: Counter = field(default_factory=Counter)
+    sample_counts: list[tuple[str, int]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     tokenizer_views: list[torch.Tensor] = field(default_factory=list)
@@ -47,10 +48,17 @@ class ShardWork:
     def add(self, source: str, sample: dict, training_samples: int = 1) -> None:
         """A tar entry holding `training_samples` samples (text entries hold a block of segments)."""
         self.samples.append(sample)
-        self.written[source] += training_samples
+        self.sample_counts.append((source, training_samples))
 
     def skip(self, source: str, reason: str) -> None:
         self.skipped[(source, reason)] += 1
+
+    def written(self, start: int, stop: int) -> Counter:
+        """Training samples per source in tar entries [start, stop)."""
+        counts: Counter = Counter()
+        for source, training_samples in self.sample_counts[start:stop]:
+            counts[source] += training_samples
+        return counts
 
 
 def _tar_members(source: str, root: str, name: str, work: ShardWork) -> dict[str, dict[str, bytes]]:
@@ -370,10 +378,32 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     return work
 
 
-def finish_shard(work: ShardWork) -> tuple[bytes, ShardRecord]:
-    """The tar and its manifest record; a shard left with no samples gets a record with no bytes and no file."""
-    samples = sum(work.written.values())
-    if not work.samples:
-        return b"", ShardRecord(work.plan.name, work.plan.kind, 0, 0, 0, None)
-    data = tar_bytes(work.samples)
-    return data, ShardRecord.of(work.plan.name, work.plan.kind, samples, len(work.samples), data)
+def _by_source(counter: Counter) -> dict[str, dict[str, int]]:
+    grouped: dict[str, dict[str, int]] = {}
+    for (source, reason), count in counter.items():
+        grouped.setdefault(source, {})[reason] = count
+    return grouped
+
+
+def finish_shard(work: ShardWork, config: DataConfig) -> list[tuple[bytes, dict]]:
+    """The tars of a planned shard with their manifest entries, in order.
+
+    Entries go to consecutive parts (see `part_bounds`): a part is closed at `samples_per_shard` images or
+    pairs, or before the next entry would take it past `shard_bytes`. Skipped and repaired counts are listed
+    with the first part. A shard left with no samples gets one entry with no bytes and no file.
+    """
+    plan = work.plan
+    max_samples = None if plan.kind == "text" else config.samples_per_shard
+    bounds = part_bounds([sample_tar_bytes(s) for s in work.samples], max_samples, config.shard_bytes) or [(0, 0)]
+    parts = []
+    for part, (start, stop) in enumerate(bounds):
+        written = work.written(start, stop)
+        name = shard_name(plan.kind, plan.index, part)
+        data = tar_bytes(work.samples[start:stop]) if stop > start else b""
+        record = (ShardRecord.of(name, plan.name, plan.kind, sum(written.values()), stop - start, data) if data
+                  else ShardRecord(name, plan.name, plan.kind, 0, 0, 0, None))
+        first = part == 0
+        parts.append((data, {**record.__dict__, "written": dict(written),
+                             "skipped": _by_source(work.skipped) if first else {},
+                             "repaired": _by_source(work.repaired) if first else {}}))
+    return parts

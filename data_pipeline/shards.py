@@ -1,5 +1,8 @@
 """The shard format: WebDataset tars named `{kind}-{index:06d}.tar`, byte-for-byte reproducible.
 
+A planned shard whose samples would overflow the sample or byte target continues in parts named
+`{kind}-{index:06d}-{part:03d}.tar` (part 1 onwards); see `part_bounds`.
+
 Per sample (fields present by kind):
 - `jpg`: the image, resized to the configured shorter side and re-encoded;
 - `codes.npy`: uint16 visual codes, [views, rows, cols], one grid per stored view;
@@ -23,10 +26,11 @@ import numpy as np
 KINDS = ("image", "text", "pair")
 
 
-def shard_name(kind: str, index: int) -> str:
+def shard_name(kind: str, index: int, part: int = 0) -> str:
+    """The planned shard's name, or that of a further part of it (`part` 1 onwards)."""
     if kind not in KINDS:
         raise ValueError(f"unknown shard kind {kind!r} (expected one of {', '.join(KINDS)})")
-    return f"{kind}-{index:06d}.tar"
+    return f"{kind}-{index:06d}.tar" if part == 0 else f"{kind}-{index:06d}-{part:03d}.tar"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -82,6 +86,33 @@ _FIXED_HEADER_SUM = sum(_HEADER_MODE_TO_SIZE) + sum(_HEADER_MTIME) + sum(b" " * 
 """Checksum of the header fields every member shares (the checksum field itself counts as spaces)."""
 
 
+def sample_tar_bytes(sample: dict[str, bytes]) -> int:
+    """The bytes a sample's members take in a tar (a header block each, data padded to whole blocks)."""
+    return sum(BLOCK + len(data) + (-len(data) % BLOCK) for field, data in sample.items() if field != "__key__")
+
+
+def tar_size(member_bytes: int) -> int:
+    """The size of a tar whose members take `member_bytes`: two end blocks, padded to a whole record."""
+    body = member_bytes + 2 * BLOCK
+    return body + (-body % RECORD)
+
+
+def part_bounds(sample_bytes: list[int], max_samples: int | None, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of samples, one tar each: a part is closed when it holds `max_samples`
+    samples (None: no limit) or when the next sample would make its tar larger than `max_bytes`. A sample
+    larger than that on its own gets a part of its own (samples are never cut)."""
+    bounds, start, member_bytes = [], 0, 0
+    for index, size in enumerate(sample_bytes):
+        full = max_samples is not None and index - start == max_samples
+        if index > start and (full or tar_size(member_bytes + size) > max_bytes):
+            bounds.append((start, index))
+            start, member_bytes = index, 0
+        member_bytes += size
+    if start < len(sample_bytes):
+        bounds.append((start, len(sample_bytes)))
+    return bounds
+
+
 def tar_bytes(samples: list[dict[str, bytes]]) -> bytes:
     """Samples (`__key__` plus field name -> bytes) as one tar: samples in the given order, each sample's
     fields sorted by name (as webdataset's TarWriter orders them)."""
@@ -93,10 +124,11 @@ def tar_bytes(samples: list[dict[str, bytes]]) -> bytes:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """A finished shard as the manifest lists it: training samples (images, pairs, text segments), tar
-    entries, bytes and sha256."""
+    """A finished shard file as the manifest lists it: the planned shard it belongs to (its own name, unless
+    it is a further part), training samples (images, pairs, text segments), tar entries, bytes and sha256."""
 
     name: str
+    shard: str
     kind: str
     samples: int
     entries: int
@@ -104,5 +136,5 @@ class ShardRecord:
     sha256: str | None
 
     @classmethod
-    def of(cls, name: str, kind: str, samples: int, entries: int, data: bytes) -> "ShardRecord":
-        return cls(name, kind, samples, entries, len(data), hashlib.sha256(data).hexdigest())
+    def of(cls, name: str, shard: str, kind: str, samples: int, entries: int, data: bytes) -> "ShardRecord":
+        return cls(name, shard, kind, samples, entries, len(data), hashlib.sha256(data).hexdigest())

@@ -4,7 +4,8 @@ The plan is a pure function of the input listing (sorted) and the config, so a r
 job plans the same shards with the same samples, skips the finished ones, and redoes the rest identically.
 Image shards hold `samples_per_shard` images of class folders in listing order, and so do pair shards from
 tables and COCO annotations; an input tar (a per-class ImageNet tar, or a WebDataset tar of pairs) becomes one
-shard, so it is read once; a text shard holds the packed segments of one input file or file part.
+planned shard, so it is read once; a text shard holds the packed segments of one input file or file part. A
+planned shard that exceeds the sample or byte target is written as several parts (see `DataConfig`).
 """
 
 import csv
@@ -35,7 +36,7 @@ class ImageItem:
 
 @dataclass(frozen=True)
 class ImageTar:
-    """One per-class tar (`n01440764.tar`); it becomes one shard, read once when that shard is built."""
+    """One per-class tar (`n01440764.tar`); it becomes one planned shard, read once when that shard is built."""
 
     source: str
     root: str

@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import boto3
@@ -19,7 +20,14 @@ from beit3.config import ConfigError, validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.job import build, summary_table
 from beit3.data_pipeline.manifest import ManifestMismatch
-from beit3.data_pipeline.processing import ShardWork, pack_documents, read_documents, read_whole_lines
+from beit3.data_pipeline.processing import (
+    ShardWork,
+    finish_shard,
+    pack_documents,
+    prepare_text,
+    read_documents,
+    read_whole_lines,
+)
 from beit3.data_pipeline.sources import ShardPlan, TextFile, plan_shards
 from beit3.data_pipeline.storage import open_storage
 from beit3.data_pipeline.views import View, render_view
@@ -141,6 +149,58 @@ def test_rerun_skips_finished_shards_and_rebuilds_lost_ones_identically(local_bu
     assert (output / "manifest.json").read_bytes() == manifest_before
 
 
+def sample_fields(samples: list[dict]) -> dict[str, dict]:
+    """Key -> stored fields, without what webdataset adds (the shard's URL)."""
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in samples}
+
+
+def test_shards_respect_the_byte_target_and_hold_every_sample_once(ray_instance, inputs, local_build, tmp_path):
+    """With a byte target below a planned shard's size its samples continue in further parts, each within the
+    target unless one entry alone exceeds it, holding exactly the samples of the unsplit build."""
+    shard_bytes = 60_000
+    output = tmp_path / "out"
+    config = config_for(inputs, output, shard_bytes=shard_bytes)
+    result = build(config, progress=False)
+    _, whole, whole_output = local_build
+    entries = list(result.manifest.shards.values())
+    assert all(e["bytes"] <= shard_bytes or e["entries"] == 1 for e in entries)
+    parts = [e for e in entries if e["name"] != e["shard"]]
+    assert parts and all(e["name"].startswith(e["shard"].removesuffix(".tar") + "-") for e in parts)
+    assert result.manifest.totals() == whole.manifest.totals()
+    for kind in ("image", "text"):
+        samples = read_shards(output, kind)
+        assert len({s["__key__"] for s in samples}) == len(samples)
+        assert sample_fields(samples) == sample_fields(read_shards(whole_output, kind))
+
+    manifest_before = (output / "manifest.json").read_bytes()
+    lost = parts[0]
+    (output / lost["name"]).unlink()
+    again = build(config, progress=False)
+    assert again.shards_built == 1 and (output / "manifest.json").read_bytes() == manifest_before
+    assert hashlib.sha256((output / lost["name"]).read_bytes()).hexdigest() == lost["sha256"]
+
+
+def tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return [(member.name, archive.extractfile(member).read()) for member in archive]
+
+
+def test_text_shards_continue_in_parts_past_the_byte_target(inputs, tmp_path):
+    """The write stage on real text shards: parts within the target, together holding every entry in order."""
+    config = config_for(inputs, tmp_path, shard_bytes=15_000)
+    split = 0
+    for plan in (plan for plan in plan_shards(config) if plan.kind == "text"):
+        work = prepare_text(plan, config)
+        parts = finish_shard(work, config)
+        assert all(len(data) <= 15_000 or entry["entries"] == 1 for data, entry in parts)
+        assert [member for data, _ in parts for member in tar_members(data)] == [
+            (f"{sample['__key__']}.{name}", sample[name]) for sample in work.samples for name in sorted(sample)
+            if name != "__key__"]
+        assert sum(entry["samples"] for _, entry in parts) == sum(count for _, count in work.sample_counts)
+        split += len(parts) > 1
+    assert split
+
+
 def test_changed_content_settings_refuse_to_resume(local_build, inputs):
     _, _, output = local_build
     with pytest.raises(ManifestMismatch, match="different content settings"):
@@ -178,6 +238,9 @@ def test_per_class_tars_are_read_like_folders(ray_instance, inputs, tmp_path):
     assert totals["skipped"] == {reason: 1 for reason in BAD_IMAGES.values()}
     labels = {json.loads(s["json"])["label"] for s in read_shards(tmp_path / "out", "image")}
     assert labels == set(inputs["good"].values())
+    files = {name: entry["samples"] for name, entry in result.manifest.shards.items()}
+    assert files == {"image-000000.tar": 4, "image-000000-001.tar": 2, "image-000001.tar": 4,
+                     "image-000001-001.tar": 2}, "a class tar of six images in parts of samples_per_shard"
 
 
 def packed_rows(documents: list[list[int]], text_len: int) -> np.ndarray:
@@ -234,6 +297,9 @@ def test_packing_matches_the_rule_stated_per_document(text_len):
 def test_config_errors_name_the_field(inputs, tmp_path):
     raw = data_config(str(tmp_path), "x", "y", "z", samples_per_shard=0)
     with pytest.raises(ConfigError, match="samples_per_shard: Input should be greater than 0"):
+        validate_config(DataConfig, raw, "data.yaml")
+    raw = data_config(str(tmp_path), "x", "y", "z", shard_bytes=0)
+    with pytest.raises(ConfigError, match="shard_bytes: Input should be greater than 0"):
         validate_config(DataConfig, raw, "data.yaml")
     raw = data_config(str(tmp_path), "x", "y", "z", text_tokenizer=None)
     with pytest.raises(ConfigError, match="pair sources need text_tokenizer"):

@@ -10,7 +10,16 @@ import webdataset
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from beit3.data_pipeline.shards import ShardRecord, json_bytes, npy_bytes, shard_name, tar_bytes
+from beit3.data_pipeline.shards import (
+    ShardRecord,
+    json_bytes,
+    npy_bytes,
+    part_bounds,
+    sample_tar_bytes,
+    shard_name,
+    tar_bytes,
+    tar_size,
+)
 from beit3.data_pipeline.views import View, choose_views, render_view, resize_shorter_side
 
 
@@ -34,9 +43,29 @@ def samples():
 def test_shard_bytes_are_reproducible(tmp_path):
     first, second = tar_bytes(samples()), tar_bytes(samples())
     assert first == second
-    record = ShardRecord.of(shard_name("image", 3), "image", 5, 5, first)
+    record = ShardRecord.of(shard_name("image", 3), shard_name("image", 3), "image", 5, 5, first)
     assert record.name == "image-000003.tar" and record.sha256 == hashlib.sha256(first).hexdigest()
     assert record.bytes == len(first)
+
+
+def test_further_parts_keep_the_planned_name_as_prefix():
+    assert shard_name("pair", 12, part=0) == "pair-000012.tar"
+    assert shard_name("pair", 12, part=3) == "pair-000012-003.tar"
+
+
+def test_tar_size_is_known_before_writing():
+    for count in range(6):
+        assert tar_size(sum(map(sample_tar_bytes, samples()[:count]))) == len(tar_bytes(samples()[:count]))
+
+
+def test_parts_close_at_the_sample_or_byte_target():
+    sizes = [3000, 3000, 3000, 30_000, 100, 100, 100, 100, 100]
+    bounds = part_bounds(sizes, max_samples=4, max_bytes=20_480)
+    assert bounds == [(0, 3), (3, 4), (4, 8), (8, 9)]  # the 30,000-byte sample alone exceeds the target
+    for start, stop in bounds:
+        assert stop - start <= 4 and (tar_size(sum(sizes[start:stop])) <= 20_480 or stop - start == 1)
+    assert part_bounds(sizes, max_samples=None, max_bytes=2**30) == [(0, 9)]
+    assert part_bounds([], max_samples=4, max_bytes=1) == []
 
 
 def test_shards_read_back_with_webdataset(tmp_path):
