@@ -100,6 +100,32 @@ def pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from beit3.pretrain.export import export_checkpoint, log_export_to_mlflow, run_model_config, verify_export
+
+    run_dir = Path(args.run_dir)
+    output = Path(args.output) if args.output else run_dir / "export"
+    result = export_checkpoint(run_dir, output, tag=args.tag, dtype=args.dtype)
+    print(f"exported {result.tag} ({args.dtype}):")
+    for path in result.files:
+        print(f"  {path}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    status = 0
+    if args.verify:
+        verification = verify_export(result.files[0], run_model_config(run_dir))
+        for case, difference in verification.differences.items():
+            print(f"  verify {case:<6} max |ours - torchscale| = {difference:.2e}")
+        print("  verification " + ("passed" if verification.passed else
+                                   f"FAILED (tolerance {verification.tolerance:.0e})"))
+        status = 0 if verification.passed else 1
+    if args.mlflow:
+        print(f"  logged to MLflow run {log_export_to_mlflow(run_dir, output)} under export/")
+    return status
+
+
 def demo(args: argparse.Namespace) -> int:
     from beit3.demo import run_demo
 
@@ -149,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_command.add_argument("--run-dir", help="override the config's run_dir")
     train_command.add_argument("--stop-after-step", type=int, help="end this process after that step")
     train_command.set_defaults(handler=pretrain)
+    export_command = commands.add_parser("export", help="a run's checkpoint to the released layout (.pth, "
+                                         "safetensors, config.json)")
+    export_command.add_argument("--run-dir", required=True, help="the run directory of `beit3 train`")
+    export_command.add_argument("--tag", help="checkpoint tag, e.g. step-00010000 (default: the latest)")
+    export_command.add_argument("--output", help="output folder (default: RUN_DIR/export)")
+    export_command.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    export_command.add_argument("--verify", action="store_true",
+                                help="reload into our model and torchscale's BEiT3 and compare outputs")
+    export_command.add_argument("--mlflow", action="store_true", help="log the files to the run's MLflow run")
+    export_command.set_defaults(handler=export)
     demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
     demo_command.add_argument("--steps", type=int, default=30)
     demo_command.set_defaults(handler=demo)

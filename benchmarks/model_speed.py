@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from beit3.config import load_config
+from beit3.pretrain.model import MultiwayTransformer
+from beit3.pretrain.model_config import ModelConfig
+from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
+from beit3.pretrain.released_format import to_released
+from beit3.pretrain.torchscale_reference import build_torchscale
 
-from beit3.config import load_config  # noqa: E402
-from beit3.pretrain.model import MultiwayTransformer  # noqa: E402
-from beit3.pretrain.model_config import ModelConfig  # noqa: E402
-from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample  # noqa: E402
-from beit3.pretrain.released_format import to_released  # noqa: E402
-from torchscale_reference import build_torchscale  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 KINDS = ("image", "text", "pair")
 

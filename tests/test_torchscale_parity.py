@@ -5,9 +5,8 @@ import torch
 
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.released_format import from_released, to_released
-
+from beit3.pretrain.torchscale_reference import build_torchscale
 from conftest import model_config
-from torchscale_reference import build_torchscale
 
 TOLERANCE = 1e-5
 BATCH, TEXT_LEN = 3, 12

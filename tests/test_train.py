@@ -5,12 +5,17 @@ and an exact resume after SIGKILL of one rank."""
 import json
 import shutil
 
+import torch
+from safetensors.torch import load_file
+
 import boto3
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from beit3.pretrain.checkpoints import mark_latest, tag_for
+from beit3.pretrain.export import export_checkpoint, log_export_to_mlflow, run_model_config, verify_export
+from beit3.pretrain.released_format import from_released
 from s3_endpoint import CREDENTIALS
 from training_fixtures import launch_training, run_training, tiny_recipe, write_recipe
 
@@ -131,6 +136,13 @@ def test_resume_under_another_zero_stage(reference_run, tmp_path, stage):
               "mlflow": {"tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}"}}
     (run_dir / "mlflow_run_id").unlink()
     run_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    if stage == 3:
+        exported = export_checkpoint(run_dir, tmp_path / "export")
+        assert verify_export(exported.files[0], run_model_config(run_dir)).passed
+        ours = torch.load(exported.files[0], weights_only=True)["model"]
+        theirs = torch.load(export_checkpoint(reference_run["run_dir"], tmp_path / "reference").files[0],
+                            weights_only=True)["model"]
+        assert max((ours[key] - theirs[key]).abs().max().item() for key in ours) < 1e-2
     resumed, reference = metrics(run_dir), metrics(reference_run["run_dir"])
     assert [entry["step"] for entry in resumed] == list(range(1, STEPS + 1))
     assert resumed[8]["loss"] == pytest.approx(reference[8]["loss"], abs=1e-5)
@@ -155,3 +167,28 @@ def test_shards_on_object_storage(training_data, s3_endpoint_url, tmp_path):
     env = {"AWS_ENDPOINT_URL": s3_endpoint_url, **CREDENTIALS}
     run_training(write_recipe(tmp_path / "remote.yaml", remote), env=env)
     assert [m["loss"] for m in metrics(tmp_path / "remote")] == [m["loss"] for m in metrics(tmp_path / "local")]
+
+
+def test_export_gives_the_released_layout_and_verifies(reference_run, tmp_path, mlflow_url):
+    """ZeRO-2 partitions merged by DeepSpeed's reader equal the engine's module weights; the .pth and the
+    safetensors file agree; the export reloads into torchscale's BEiT3 with our outputs; MLflow gets the files."""
+    run_dir = reference_run["run_dir"]
+    result = export_checkpoint(run_dir, tmp_path / "fp32")
+    pth, safetensors_path, config_json = result.files
+    released = torch.load(pth, weights_only=True)["model"]
+    assert any(key.startswith("beit3.encoder.layers.0.self_attn.") for key in released)
+    assert {"mlm_head.weight", "mim_head.weight"} <= set(released)
+    assert all(torch.equal(released[key], tensor) for key, tensor in load_file(str(safetensors_path)).items())
+    config = run_model_config(run_dir)
+    assert json.loads(config_json.read_text())["torchscale_encoder_config"]["encoder_layers"] == config.layers
+    module = torch.load(run_dir / "checkpoints" / tag_for(STEPS) / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    ours, _ = from_released(released, config)
+    assert all(torch.equal(ours[name], module[name].float()) for name in ours)
+    verification = verify_export(pth, config)
+    assert verification.passed and set(verification.differences) == {"image", "text"}
+    half = export_checkpoint(run_dir, tmp_path / "bf16", dtype="bf16")
+    assert all(t.dtype == torch.bfloat16 for t in torch.load(half.files[0], weights_only=True)["model"].values())
+    run_id = log_export_to_mlflow(run_dir, tmp_path / "fp32")
+    logged = {item.path for item in MlflowClient(mlflow_url).list_artifacts(run_id, "export")}
+    assert f"export/{pth.name}" in logged and "export/config.json" in logged
