@@ -3,9 +3,9 @@
 Three measurements on the same sample shards (built first with the real pipeline), alternated for `--rounds`:
 - full: `beit3 train` on 2 ranks under torchrun (DeepSpeed ZeRO-2, loader workers, masking, logging), samples/s
   from the wall clock between two logged steps (warm-up steps excluded);
-- bare: the same model on the same 2 ranks and micro-batches, prepared in memory beforehand, running forward,
-  backward, gradient all-reduce and a plain AdamW step with nothing else: what the step costs without data
-  loading, masking, DeepSpeed or logging;
+- bare: the same DeepSpeed engine on the same 2 ranks stepping on micro-batches prepared in memory beforehand
+  (what the step costs without data loading, masking and logging), and, for reference, the model's plain
+  forward+backward on them;
 - loader: one rank's three stream loaders alone (the recipe's workers), samples/s against what one rank's step
   consumes.
 
@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 import yaml
@@ -29,7 +30,7 @@ from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.objective import masked_prediction
 from beit3.pretrain.optimization import build_optimizer
 from beit3.pretrain.shard_streams import MicroBatchStream, StreamSettings, build_loader, stream_shards
-from beit3.pretrain.train_config import PretrainConfig, load_pretrain_config, split_batch
+from beit3.pretrain.train_config import PretrainConfig, deepspeed_config, load_pretrain_config, split_batch
 from beit3.sample_data import build_sample_dataset
 from beit3.tokenizers.text import TextTokenizer
 
@@ -78,35 +79,41 @@ def measure_full(recipe: dict, folder: Path, steps: int) -> float:
 
 
 def bare_worker(config_path: str, steps: int, output: str) -> None:
-    """One rank of the bare measurement (started by torchrun)."""
-    dist.init_process_group("gloo")
+    """One rank of the bare measurement (started by torchrun): the recipe's DeepSpeed engine stepping on
+    micro-batches already in memory, and plain PyTorch forward+backward of the same model for reference."""
+    deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = load_pretrain_config(config_path)
     loaders = stream_loaders(config, rank, world_size)
     batches = [{stream: next(loader) for stream, loader in loaders.items()} for _ in range(4)]
+    del loaders
     torch.manual_seed(config.seed)
+    plain = MultiwayTransformer(config.model).train()
     model = MultiwayTransformer(config.model).train()
-    optimizer = build_optimizer(model, config.optimizer)
-    timings = {}
-    for name, with_update in (("forward_backward", False), ("step", True)):
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config.optimizer),
+                                           config=deepspeed_config(config, split_batch(config.batch, world_size)))
+    samples = sum(config.batch.global_count(stream) for stream in batches[0]) * (steps - WARMUP_STEPS)
+
+    def timed(step) -> float:
         for index in range(steps):
             if index == WARMUP_STEPS:
                 dist.barrier()
                 started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro = batches[index % len(batches)]
-            loss = sum(part[0] for stream, batch in micro.items()
-                       for part in masked_prediction(model, stream, batch).values())
-            loss.backward()
-            if with_update:
-                for parameter in model.parameters():
-                    if parameter.grad is not None:
-                        dist.all_reduce(parameter.grad)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.gradient_clipping)
-                optimizer.step()
+            step(batches[index % len(batches)])
         dist.barrier()
-        samples = sum(config.batch.global_count(s) for s in loaders) * (steps - WARMUP_STEPS)
-        timings[name] = samples / (time.perf_counter() - started)
+        return samples / (time.perf_counter() - started)
+
+    def engine_step(micro: dict) -> None:
+        engine.backward(sum(part[0] for stream, batch in micro.items()
+                            for part in masked_prediction(engine, stream, batch).values()))
+        engine.step()
+
+    def forward_backward(micro: dict) -> None:
+        plain.zero_grad(set_to_none=True)
+        sum(part[0] for stream, batch in micro.items()
+            for part in masked_prediction(plain, stream, batch).values()).backward()
+
+    timings = {"engine_step": timed(engine_step), "forward_backward": timed(forward_backward)}
     if rank == 0:
         Path(output).write_text(json.dumps(timings))
     dist.destroy_process_group()
@@ -149,7 +156,7 @@ def main(argv=None):
         folder = Path(temporary)
         print("building the sample shards with the pipeline ...", flush=True)
         data = build_sample_dataset(folder / "data")
-        print(f"{'round':>5} {'full samples/s':>15} {'bare step':>10} {'bare f+b':>9} {'overhead':>9} "
+        print(f"{'round':>5} {'full samples/s':>15} {'bare step':>10} {'plain f+b':>10} {'overhead':>9} "
               f"{'loader/rank':>12} {'headroom':>9}")
         for round_index in range(args.rounds):
             recipe = recipe_for(data, folder / f"run-{round_index}", args.steps)
@@ -157,8 +164,9 @@ def main(argv=None):
             bare = measure_bare(recipe, folder, args.steps)
             loader = measure_loader(recipe, folder, micro_steps=args.steps)
             consumed_per_rank = full / 2
-            print(f"{round_index:>5} {full:>15.1f} {bare['step']:>10.1f} {bare['forward_backward']:>9.1f} "
-                  f"{bare['step'] / full - 1:>8.1%} {loader:>12.1f} {loader / consumed_per_rank:>8.1f}x", flush=True)
+            print(f"{round_index:>5} {full:>15.1f} {bare['engine_step']:>10.1f} {bare['forward_backward']:>10.1f} "
+                  f"{bare['engine_step'] / full - 1:>8.1%} {loader:>12.1f} {loader / consumed_per_rank:>8.1f}x",
+                  flush=True)
         print("overhead: bare step samples/s over full samples/s, minus 1 (goal < 10%); headroom: one rank's "
               "loader alone over what one rank's step consumes (goal >= 3x)")
 
