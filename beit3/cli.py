@@ -127,10 +127,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from beit3.demo import run_demo
 
-    losses = run_demo(steps=args.steps)
-    return 0 if losses[-1] < losses[0] else 1
+    first, last = run_demo(Path(args.workdir), steps=args.steps)
+    return 0 if last < first else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_command.add_argument("--mlflow", action="store_true", help="log the files to the run's MLflow run")
     export_command.set_defaults(handler=export)
     demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
-    demo_command.add_argument("--steps", type=int, default=30)
+    demo_command.add_argument("--steps", type=int, default=100, help="training steps")
+    demo_command.add_argument("--workdir", default="runs/demo", help="where the data, run and export go")
     demo_command.set_defaults(handler=demo)
     return parser
 

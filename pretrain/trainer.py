@@ -248,7 +248,11 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
                               f"there are no {stream} shards in {', '.join(config.data.datasets)}")
     run_dir = Path(config.run_dir)
     fingerprint = resume_fingerprint(config, world_size)
-    tag = latest_tag(run_dir / "checkpoints") if (config.resume == "auto" or require_resume) else None
+    existing = latest_tag(run_dir / "checkpoints")
+    if existing and config.resume == "never" and not require_resume:
+        raise CheckpointError(f"run_dir: {run_dir} already holds checkpoints (latest {existing}) and resume is "
+                              "never; use a new run_dir, or resume: auto")
+    tag = existing if (config.resume == "auto" or require_resume) else None
     if require_resume and tag is None:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     if tag is not None:
