@@ -94,19 +94,21 @@ def _git_commit() -> str:
 
 @dataclass
 class StepTotals:
-    """Sums over one optimizer step on this rank, reduced over ranks for logging."""
+    """Sums over one optimizer step on this rank, kept on the device (no host sync inside the step) and reduced
+    over ranks once for logging."""
 
-    loss: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
-    correct: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
-    predicted: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
-    losses_seen: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
-    tokens: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("image", "text", "pair"), 0.0))
+    loss: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    correct: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    predicted: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    losses_seen: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
+    tokens: dict = field(default_factory=lambda: dict.fromkeys(("image", "text", "pair"), 0.0))
     keys: list[str] = field(default_factory=list)
 
-    def as_tensor(self) -> torch.Tensor:
+    def as_tensor(self, device: torch.device) -> torch.Tensor:
         values = [self.loss[c] for c in COMPONENTS] + [self.correct[c] for c in COMPONENTS]
         values += [self.predicted[c] for c in COMPONENTS] + [self.losses_seen[c] for c in COMPONENTS]
-        return torch.tensor(values + list(self.tokens.values()), dtype=torch.float64)
+        values += list(self.tokens.values())
+        return torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in values])
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype, visual_tokenizer=None) -> dict:
@@ -146,28 +148,28 @@ class Trainer:
             for stream, iterator in self.streams.items():
                 batch = to_device(next(iterator), self.device, self.float_dtype, self.visual_tokenizer)
                 totals.keys += batch["keys"]
-                totals.tokens[stream] += self._tokens(stream, batch)
+                totals.tokens[stream] += self._tokens(batch)
                 for component, (part, correct, count) in masked_prediction(self.engine, stream, batch).items():
                     loss = loss + self.weights[component] * part
-                    totals.loss[component] += part.item()
+                    totals.loss[component] += part.detach()
                     totals.losses_seen[component] += 1
-                    totals.correct[component] += correct.item()
+                    totals.correct[component] += correct
                     totals.predicted[component] += count
             self.engine.backward(loss)
             self.engine.step()
         return totals
 
-    def _tokens(self, stream: str, batch: dict) -> float:
+    def _tokens(self, batch: dict):
         tokens = 0.0
         if "image" in batch:
             tokens += batch["image"].shape[0] * self.config.model.image_tokens
         if "text_padding_mask" in batch:
-            tokens += float((~batch["text_padding_mask"]).sum())
+            tokens = tokens + (~batch["text_padding_mask"]).sum()
         return tokens
 
 
 def _reduce(totals: StepTotals, device: torch.device) -> torch.Tensor:
-    vector = totals.as_tensor().to(device)
+    vector = totals.as_tensor(device)
     dist.all_reduce(vector)
     return vector.cpu()
 
