@@ -16,12 +16,15 @@ Masks, the replayed view and colour jitter depend only on the run seed, the samp
 import hashlib
 import io
 import json
+import logging
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from botocore.exceptions import BotoCoreError
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
@@ -34,6 +37,7 @@ from beit3.pretrain.masking import BlockMasking, TextMasking, masked_patch_count
 from beit3.tokenizers.text import PAD
 
 IMAGE_MEAN = IMAGE_STD = 0.5
+logger = logging.getLogger(__name__)
 
 
 class ShardDataError(ValueError):
@@ -70,6 +74,8 @@ class StreamSettings:
     tokenizer_view_size: int | None = None
     shuffle_window_shards: int = 4
     verify_sha256: bool = True
+    read_attempts: int = 8
+    read_backoff_seconds: float = 1.0
 
 
 def read_manifest(dataset: str) -> tuple[dict, str]:
@@ -107,9 +113,26 @@ def shards_for_worker(shards: list[ShardRef], seed: int, stream: str, epoch: int
     return order[rank::world_size][worker::workers]
 
 
-def read_shard_samples(ref: ShardRef, verify_sha256: bool) -> list[tuple[str, dict]]:
+def read_shard_bytes(ref: ShardRef, attempts: int = 8, backoff_seconds: float = 1.0) -> bytes:
+    """The shard's bytes, retried with exponential backoff (capped at a minute) through storage outages; after
+    `attempts` the run fails naming the shard, so no shard is ever skipped."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return open_storage(ref.dataset).read_bytes(ref.name)
+        except (OSError, BotoCoreError) as error:
+            if attempt == attempts:
+                raise ShardDataError(f"{ref.url}: unreadable after {attempts} attempts ({error})") from None
+            wait = min(backoff_seconds * 2 ** (attempt - 1), 60.0)
+            logger.warning("%s: read failed (%s); attempt %d of %d in %.0fs", ref.url, error, attempt + 1,
+                           attempts, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def read_shard_samples(ref: ShardRef, verify_sha256: bool, attempts: int = 8,
+                       backoff_seconds: float = 1.0) -> list[tuple[str, dict]]:
     """(key, fields) per training sample of one shard; a text entry's block gives one sample per segment."""
-    data = open_storage(ref.dataset).read_bytes(ref.name)
+    data = read_shard_bytes(ref, attempts, backoff_seconds)
     if verify_sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
         raise ShardDataError(f"{ref.url}: sha256 differs from the manifest's (the shard was altered or truncated)")
     entries = group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": ref.url}]))
@@ -231,7 +254,8 @@ class MicroBatchStream(IterableDataset):
                 if skip >= size:
                     skip -= size
                     continue
-                samples = [item for ref in window for item in read_shard_samples(ref, s.verify_sha256)]
+                samples = [item for ref in window for item in read_shard_samples(
+                    ref, s.verify_sha256, s.read_attempts, s.read_backoff_seconds)]
                 random.Random(sample_seed(s.seed, s.stream, "window", epoch, self.rank, worker, first)).shuffle(samples)
                 for key, fields in samples[skip:]:
                     yield key, fields, epoch

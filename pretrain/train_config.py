@@ -44,6 +44,8 @@ class DataSettings(_Strict):
     shuffle_window_shards: int = Field(4, gt=0, description="Shards read together and shuffled as one window.")
     prefetch_batches: int = Field(2, gt=0, description="Micro-batches each worker prepares ahead.")
     verify_sha256: bool = Field(True, description="Check each shard against its manifest digest as it is read.")
+    read_attempts: int = Field(8, gt=0, description="Tries per shard read before the run fails (storage outages).")
+    read_backoff_seconds: float = Field(1.0, gt=0, description="First wait between tries; doubles, capped at 60 s.")
 
 
 class MaskingSettings(_Strict):

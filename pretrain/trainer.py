@@ -330,7 +330,8 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
             mask_pair_images=config.masking.mask_pair_images, text_rate=config.masking.text_rate,
             caption_rate=config.masking.caption_rate, color_jitter=config.augment.color_jitter,
             tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
-            shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256)
+            shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256,
+            read_attempts=config.data.read_attempts, read_backoff_seconds=config.data.read_backoff_seconds)
         dataset = MicroBatchStream(shards[stream], settings, rank, world_size, start_micro_batches=positions[stream])
         streams[stream] = iter(build_loader(dataset, config.data.workers, config.data.prefetch_batches))
 

@@ -1,6 +1,7 @@
 """The training streams over shards the real pipeline wrote: order, resume, sharding over ranks and workers,
 view replay against the stored codes, and clear errors for shards that cannot serve the run."""
 
+import logging
 import shutil
 
 import pytest
@@ -144,3 +145,42 @@ def test_codes_computed_on_the_fly_match_the_stored_ones(training_data, mask_id)
     moved = to_device(on_the_fly, torch.device("cpu"), torch.float32, tokenizer)
     assert (moved["codes"] == stored["codes"]).float().mean() > 0.98
     assert torch.equal(moved["image"], stored["image"])
+
+
+class _RestoreOnRetry(logging.Handler):
+    """Ends the outage when the loader announces its first retry: no waiting on the clock."""
+
+    def __init__(self, moved, original):
+        super().__init__()
+        self.moved, self.original, self.retries = moved, original, 0
+
+    def emit(self, record):
+        self.retries += 1
+        if self.moved.exists():
+            self.moved.rename(self.original)
+
+
+def test_reads_are_retried_through_an_outage(training_data, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(training_data["shards"], copy)
+    (ref,) = [r for r in stream_shards([str(copy)], "pair") if r.name == "pair-000000.tar"]
+    expected = read_shard_samples(ref, verify_sha256=True)
+    away = tmp_path / "away"
+    copy.rename(away)
+    handler = _RestoreOnRetry(away, copy)
+    logging.getLogger("beit3.pretrain.shard_streams").addHandler(handler)
+    try:
+        samples = read_shard_samples(ref, verify_sha256=True, attempts=3, backoff_seconds=0.01)
+    finally:
+        logging.getLogger("beit3.pretrain.shard_streams").removeHandler(handler)
+    assert handler.retries == 1
+    assert [key for key, _ in samples] == [key for key, _ in expected]
+
+
+def test_a_lasting_outage_fails_loudly_naming_the_shard(training_data, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(training_data["shards"], copy)
+    (ref,) = [r for r in stream_shards([str(copy)], "pair") if r.name == "pair-000000.tar"]
+    (copy / ref.name).unlink()
+    with pytest.raises(ShardDataError, match="pair-000000.tar: unreadable after 3 attempts"):
+        read_shard_samples(ref, verify_sha256=True, attempts=3, backoff_seconds=0.01)
