@@ -426,9 +426,13 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, position
                     zero_stage: int, keep_last: int) -> None:
     """Every rank writes its part, then, once all have, rank 0 points `latest` at it and prunes old ones."""
     tag = tag_for(step)
-    save_trainer_state(checkpoint_dir, tag, rank, {"step": step, "data_positions": dict(positions),
-                                                   "rng": rng_states(), "zero_stage": zero_stage})
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    try:
+        save_trainer_state(checkpoint_dir, tag, rank, {"step": step, "data_positions": dict(positions),
+                                                       "rng": rng_states(), "zero_stage": zero_stage})
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as error:  # a full disk surfaces as either, depending on the writer
+        raise CheckpointError(f"rank {rank} could not write checkpoint {checkpoint_dir / tag} ({error}); the "
+                              f"latest complete checkpoint is still {latest_tag(checkpoint_dir)}") from error
     dist.barrier()
     if rank == 0:
         mark_latest(checkpoint_dir, tag)
