@@ -126,6 +126,18 @@ def export(args: argparse.Namespace) -> int:
     return status
 
 
+def plan(args: argparse.Namespace) -> int:
+    from beit3.pretrain.planner import Cluster, format_plan, plan_run, resolve_gpu
+    from beit3.pretrain.train_config import load_pretrain_config
+
+    config = load_pretrain_config(args.config)
+    gpu = resolve_gpu(args.gpu, peak_tflops=args.gpu_peak_tflops, memory_gb=args.gpu_memory_gb)
+    lengths = {k: v for k, v in (("text_len", args.text_len), ("caption_len", args.caption_len)) if v is not None}
+    print(format_plan(plan_run(config, Cluster(args.nodes, args.gpus_per_node, gpu), mfu=args.mfu,
+                               micro_batch=args.micro_batch, **lengths)))
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -187,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="reload into our model and torchscale's BEiT3 and compare outputs")
     export_command.add_argument("--mlflow", action="store_true", help="log the files to the run's MLflow run")
     export_command.set_defaults(handler=export)
+    plan_command = commands.add_parser("plan", help="memory per GPU under each ZeRO stage, FLOPs, time and "
+                                       "GPU-days of a pretrain recipe on a cluster")
+    plan_command.add_argument("--config", required=True, help="a pretrain YAML, e.g. configs/pretrain/giant_paper.yaml")
+    plan_command.add_argument("--nodes", type=int, required=True)
+    plan_command.add_argument("--gpus-per-node", type=int, required=True)
+    plan_command.add_argument("--gpu", help="h100, h200 or a100 (or give both figures below)")
+    plan_command.add_argument("--gpu-peak-tflops", type=float, help="override the GPU's dense bf16 TFLOP/s")
+    plan_command.add_argument("--gpu-memory-gb", type=float, help="override the GPU's memory in GB")
+    plan_command.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    plan_command.add_argument("--micro-batch", type=int, help="samples per stream per GPU micro-step "
+                              "(default: the recipe's gradient accumulation decides)")
+    plan_command.add_argument("--text-len", type=int, help="tokens per monomodal text sample (default 128)")
+    plan_command.add_argument("--caption-len", type=int, help="tokens per caption in an image-text pair (default 64)")
+    plan_command.set_defaults(handler=plan)
     demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
     demo_command.add_argument("--steps", type=int, default=100, help="training steps")
     demo_command.add_argument("--workdir", default="runs/demo", help="where the data, run and export go")
