@@ -40,6 +40,7 @@ from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
 from beit3.pretrain.objective import masked_prediction
 from beit3.pretrain.optimization import build_optimizer, learning_rate
+from beit3.pretrain.planner import KNOWN_GPUS
 from beit3.pretrain.shard_streams import (
     MicroBatchStream,
     StreamSettings,
@@ -52,8 +53,6 @@ from beit3.tokenizers.visual import build_visual_tokenizer
 
 COMPONENTS = ("image", "text", "pair_image", "pair_text")
 RUN_STATE = "run.json"
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-"""Dense bf16 peak per GPU, for model FLOPs utilisation; other devices log no MFU."""
 
 
 class ResumeError(ValueError):
@@ -214,10 +213,11 @@ class TrainResult:
 
 
 def _peak_flops(device: torch.device) -> float | None:
+    """The dense bf16 peak of a GPU the planner knows, for model FLOPs utilisation; other devices log no MFU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for model, peak in BF16_PEAK_FLOPS.items() if model in name), None)
+    name = torch.cuda.get_device_name(device).upper()
+    return next((gpu.peak_flops for key, gpu in KNOWN_GPUS.items() if key.upper() in name), None)
 
 
 def _truncate_log(path: Path, after_step: int) -> None:
