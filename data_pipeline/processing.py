@@ -4,7 +4,6 @@ Stages pass a `ShardWork` along. A bad sample never stops a shard: it is dropped
 and a short reason, which the manifest reports.
 """
 
-import bisect
 import functools
 import gzip
 import io
@@ -267,7 +266,7 @@ def _read_text(text_file: TextFile, work: ShardWork) -> str:
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
         work.repaired[(text_file.source, "invalid_utf8_replaced")] += 1
-    return text.replace("\x00", "")
+    return text.replace("\x00", "") if b"\x00" in raw else text  # searching bytes is cheaper than the text
 
 
 def _json_documents(text: str, text_field: str, source: str, work: ShardWork) -> list[str]:
@@ -294,8 +293,8 @@ def read_documents(text_file: TextFile, text_field: str, documents: str, work: S
     if ".jsonl" in text_file.name:
         return _json_documents(text, text_field, text_file.source, work)
     chunks = text.split("\n\n") if documents == "paragraph" else text.split("\n")
-    # One comprehension over all chunks: per-document generator steps and checks cost as much as tokenizing.
-    return list(filter(None, [" ".join(chunk.split()) for chunk in chunks]))
+    # Builtins mapped over all chunks at once: per-document Python steps would cost about as much as tokenizing.
+    return list(filter(None, map(" ".join, map(str.split, chunks))))
 
 
 def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.ndarray:
@@ -304,31 +303,34 @@ def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.nd
 
     Documents in one segment are separated by eos; a document moves to a new segment when it does not fit in
     what is left, and only a document longer than a whole segment is split across segments (into whole
-    segments and a rest). Only the choice of segment boundaries is a Python loop, one step per segment; the
-    ids are moved by numpy.
+    segments and a rest). Everything but a one-step-per-segment walk is numpy.
     """
     capacity = text_len - 2
     lengths = np.asarray(lengths, dtype=np.int64)
     pieces_per_document = np.maximum((lengths - 1) // capacity + 1, 1)
     piece_lengths = np.full(int(pieces_per_document.sum()), capacity, dtype=np.int64)
     piece_lengths[np.cumsum(pieces_per_document) - 1] = lengths - (pieces_per_document - 1) * capacity
-    # A piece joins a segment while the segment's pieces, each with the eos after it, fill at most capacity + 1
-    # places; an empty document takes one place too (the separator it would have had) but adds no ids.
-    fill_before = [0, *np.cumsum(piece_lengths + 1).tolist()]
+    # A segment starts at a non-empty piece and takes the following pieces while they, each with the eos after
+    # it, fill at most capacity + 1 places; an empty document takes one place too (the separator it would have
+    # had) but adds no ids. Where a segment starting at each piece would stop, and where the next one would
+    # start, is computed for every piece at once; the walk from segment to segment is then one step each.
+    pieces = len(piece_lengths)
+    fill_before = np.concatenate([[0], np.cumsum(piece_lengths + 1)])
+    stop_if_first = np.searchsorted(fill_before, fill_before[:-1] + capacity + 1, side="right") - 1
     nonempty = np.flatnonzero(piece_lengths)
-    first_nonempty_from = np.searchsorted(nonempty, np.arange(len(piece_lengths) + 1))
-    next_start = np.append(nonempty, len(piece_lengths))[first_nonempty_from].tolist()
-    bounds, first = [], next_start[0]
-    while first < len(piece_lengths):
-        stop = bisect.bisect_right(fill_before, fill_before[first] + capacity + 1, lo=first + 1) - 1
-        bounds.append((first, stop))
-        first = next_start[stop]
+    next_nonempty = np.append(nonempty, pieces)[np.searchsorted(nonempty, np.arange(pieces + 1))]
+    following_start = next_nonempty[stop_if_first].tolist()
+    starts, first = [], int(next_nonempty[0])
+    while first < pieces:
+        starts.append(first)
+        first = following_start[first]
+    starts = np.array(starts, dtype=np.int64)
+    stops = stop_if_first[starts]
     piece_ends = np.cumsum(piece_lengths)
     stream = np.insert(ids.astype(np.uint16, copy=False), piece_ends[nonempty], EOS)
     stream_before = np.concatenate([[0], np.cumsum(piece_lengths + (piece_lengths > 0))])
-    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
-    row_lengths = stream_before[bounds[:, 1]] - stream_before[bounds[:, 0]]
-    rows = np.full((len(bounds), text_len), PAD, dtype=np.uint16)
+    row_lengths = stream_before[stops] - stream_before[starts]
+    rows = np.full((len(starts), text_len), PAD, dtype=np.uint16)
     rows[:, 0] = BOS
     rows[:, 1:][np.arange(text_len - 1) < row_lengths[:, None]] = stream
     return rows

@@ -126,6 +126,16 @@ def test_text_is_tokenized_and_packed_without_loss(local_build, inputs):
     assert totals["repaired"] == {"invalid_utf8_replaced": 1}
 
 
+def test_concatenated_encoding_matches_the_batch_encoder(inputs):
+    """The packer's encoder (SentencePiece's buffer binding, lengths from eos) gives the public encoder's ids."""
+    tokenizer = TextTokenizer(inputs["spm"], num_threads=1)
+    texts = [*inputs["documents"], "", "\u200b", "</s> <s> <pad> <unk>", "x" * 500]
+    ids, lengths = tokenizer.encode_concatenated(texts)
+    expected = tokenizer.encode_batch(texts, with_specials=False)
+    assert lengths.tolist() == [len(sequence) for sequence in expected] and 0 in lengths.tolist()
+    assert ids.tolist() == [i for sequence in expected for i in sequence]
+
+
 def test_manifest_matches_the_files(local_build):
     _, result, output = local_build
     document = json.loads((output / "manifest.json").read_text())
