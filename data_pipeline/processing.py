@@ -362,6 +362,8 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     (text_file,) = plan.items
     source = next(s for s in config.sources if s.name == text_file.source)
     tokenizer = load_text_tokenizer(config.text_tokenizer)
+    if tokenizer.vocab_size > 2**16:
+        raise ValueError(f"{config.text_tokenizer}: {tokenizer.vocab_size:,} ids do not fit the shards' uint16")
     try:
         documents = read_documents(text_file, source.text_field, source.documents, work)
     except (StorageError, OSError, EOFError):
