@@ -6,6 +6,7 @@ it is written (atomically) only after every rank has finished writing, so a chec
 never chosen.
 """
 
+import io
 import os
 import random
 import shutil
@@ -55,8 +56,11 @@ def restore_rng_states(states: dict) -> None:
 def save_trainer_state(checkpoint_dir: Path, tag: str, rank: int, state: dict) -> None:
     path = trainer_state_path(checkpoint_dir, tag, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     partial = path.with_suffix(".partial")
-    torch.save(state, partial)
+    with partial.open("wb") as file:  # a plain write, so a full disk reports ENOSPC by name
+        file.write(buffer.getbuffer())
     os.replace(partial, path)
 
 

@@ -431,8 +431,10 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, position
                                                        "rng": rng_states(), "zero_stage": zero_stage})
         engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
     except (OSError, RuntimeError) as error:  # a full disk surfaces as either, depending on the writer
-        raise CheckpointError(f"rank {rank} could not write checkpoint {checkpoint_dir / tag} ({error}); the "
-                              f"latest complete checkpoint is still {latest_tag(checkpoint_dir)}") from error
+        free = shutil.disk_usage(checkpoint_dir).free / 2**30
+        raise CheckpointError(f"rank {rank} could not write checkpoint {checkpoint_dir / tag} ({error}; "
+                              f"{free:.1f} GiB free there); the latest complete checkpoint is still "
+                              f"{latest_tag(checkpoint_dir)}") from error
     dist.barrier()
     if rank == 0:
         mark_latest(checkpoint_dir, tag)

@@ -192,3 +192,26 @@ def test_export_gives_the_released_layout_and_verifies(reference_run, tmp_path, 
     run_id = log_export_to_mlflow(run_dir, tmp_path / "fp32")
     logged = {item.path for item in MlflowClient(mlflow_url).list_artifacts(run_id, "export")}
     assert f"export/{pth.name}" in logged and "export/config.json" in logged
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_the_previous_one_resumes(training_data, tmp_path):
+    """The step-8 checkpoint's first file is written to /dev/full (the kernel's always-full device, ENOSPC):
+    the run stops naming the checkpoint still usable, `latest` stays at step 4, and the run resumes from it."""
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(run_dir, training_data, steps=8, log_every_steps=1,
+                         checkpoint={"every_steps": 4, "keep_last": 3})
+    config = write_recipe(tmp_path / "recipe.yaml", recipe)
+    blocked = run_dir / "checkpoints" / tag_for(8) / "trainer-rank-0.partial"
+    blocked.parent.mkdir(parents=True)
+    blocked.symlink_to("/dev/full")
+    process = launch_training(config)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode != 0
+    assert f"could not write checkpoint {run_dir / 'checkpoints' / tag_for(8)}" in output
+    assert "No space left on device" in output
+    assert f"the latest complete checkpoint is still {tag_for(4)}" in output
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(4)
+    blocked.unlink()
+    resumed = run_training(config, "--resume")
+    assert f"resumed from {tag_for(4)}" in resumed
+    assert [entry["step"] for entry in metrics(run_dir)] == list(range(1, 9))
