@@ -8,6 +8,7 @@ SUBPACKAGES = {
     "beit3.tokenizers": "tokenizers",
     "beit3.data_pipeline": "data_pipeline",
     "beit3.launch": "launch",
+    "beit3.launch.ray": "launch/ray",
 }
 
 setup(
