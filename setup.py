@@ -24,7 +24,7 @@ setup(
         "timm>=1.0",
         "deepspeed>=0.15",
         "webdataset>=0.2.86",
-        "sentencepiece>=0.2",
+        "sentencepiece>=0.2.3",
         "protobuf",
         "zstandard",
         "pillow",
