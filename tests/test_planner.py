@@ -138,7 +138,7 @@ def test_zero3_model_states_match_deepspeeds_estimator(model_recipe, nodes, gpus
 
 
 MEASURE_TRAINING_STEP = r"""
-import json, resource, sys
+import json, sys
 
 import psutil
 import torch
@@ -204,10 +204,19 @@ def train(config, batches, steps):
 warm_up_config = model_config.model_copy(update={"layers": 1, "hidden": 32, "ffn_hidden": 64, "heads": 1})
 train(warm_up_config, {stream: {k: v[:1] for k, v in batch.items()} for stream, batch in batches.items()}, 1)
 torch.manual_seed(0)
+
+
+def high_water_mark():  # the kernel's peak resident set size (VmHWM) since it was last reset
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 before_rss = psutil.Process().memory_info().rss
-before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/clear_refs", "w") as clear_refs:
+    clear_refs.write("5")  # resets VmHWM to the current RSS, so start-up peaks (imports) do not hide the step's
+before_peak = high_water_mark()
 train(model_config, batches, 2)
-after_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+after_peak = high_water_mark()
 print(json.dumps({"before_rss": before_rss, "before_peak": before_peak, "after_peak": after_peak}))
 """
 
