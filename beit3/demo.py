@@ -18,18 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from beit3.sample_data import build_sample_dataset
+from beit3.sample_data import build_sample_dataset, tiny_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_RECIPE = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
-
-
-def demo_recipe(workdir: Path, data: dict, steps: int) -> dict:
-    recipe = yaml.safe_load(TINY_RECIPE.read_text())
-    recipe["model"] = str(TINY_RECIPE.parent / recipe["model"])
-    recipe.update(run_dir=str(workdir / "run"), steps=steps, resume="never")
-    recipe["data"].update(datasets=[str(data["shards"])], text_tokenizer=str(data["spm"]))
-    return recipe
 
 
 def plot_losses(metrics_file: Path, output: Path) -> tuple[float, float]:
@@ -68,7 +59,8 @@ def run_demo(workdir: Path, steps: int = 100) -> tuple[float, float]:
     print(f"demo 1/4: sample corpora, text tokenizer and the Ray pipeline into {workdir / 'data'}", flush=True)
     data = build_sample_dataset(workdir / "data", quiet=False)
     recipe_path = workdir / "tiny_cpu.yaml"
-    recipe_path.write_text(yaml.safe_dump(demo_recipe(workdir, data, steps), sort_keys=False))
+    recipe = tiny_recipe(workdir / "run", data, steps=steps, resume="never")
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     print(f"demo 2/4: {steps} steps of the tiny recipe, DeepSpeed ZeRO-2 on 2 CPU ranks", flush=True)
     shutil.rmtree(workdir / "run", ignore_errors=True)
     environment = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -7,7 +7,8 @@
   annotations (the only part that is synthetic: no captioned photographs ship with the packages).
 
 `write_sample_corpora` writes the raw inputs; `sample_data_config` describes a pipeline build over them;
-`build_sample_dataset` does both, trains a text tokenizer on the text and runs `beit3 data build`.
+`build_sample_dataset` does both, trains a text tokenizer on the text and runs `beit3 data build`;
+`tiny_recipe` points `configs/pretrain/tiny_cpu.yaml` at the result.
 """
 
 import importlib
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from beit3.tokenizers.text_training import train_text_tokenizer
 
+TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny_cpu.yaml"
 PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
 STDLIB_MODULES = ("collections", "itertools", "functools", "json", "pathlib", "random", "statistics", "string",
                   "textwrap", "re", "heapq", "bisect", "fractions", "decimal", "datetime", "calendar", "csv",
@@ -140,3 +142,17 @@ def build_sample_dataset(root: Path, quiet: bool = True) -> dict:
     if built.returncode != 0:
         raise RuntimeError(f"data build failed:\n{(built.stderr or '')[-4000:]}")
     return {"shards": root / "shards", "spm": spm}
+
+
+def tiny_recipe(run_dir: Path, data: dict, **overrides) -> dict:
+    """configs/pretrain/tiny_cpu.yaml on a built sample dataset, with fields overridden (nested dicts merge)."""
+    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    recipe["model"] = str(TINY_RECIPE.parent / recipe["model"])
+    recipe["run_dir"] = str(run_dir)
+    recipe["data"].update(datasets=[str(data["shards"])], text_tokenizer=str(data["spm"]))
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe

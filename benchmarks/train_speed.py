@@ -29,23 +29,13 @@ import yaml
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.objective import masked_prediction
 from beit3.pretrain.optimization import build_optimizer
-from beit3.pretrain.shard_streams import MicroBatchStream, StreamSettings, build_loader, stream_shards
+from beit3.pretrain.shard_streams import MicroBatchStream, StreamSettings, build_loader, index_datasets
 from beit3.pretrain.train_config import PretrainConfig, deepspeed_config, load_pretrain_config, split_batch
-from beit3.sample_data import build_sample_dataset
+from beit3.sample_data import build_sample_dataset, tiny_recipe
 from beit3.tokenizers.text import TextTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 WARMUP_STEPS = 5
-
-
-def recipe_for(data: dict, run_dir: Path, steps: int) -> dict:
-    recipe = yaml.safe_load(RECIPE.read_text())
-    recipe["model"] = str(RECIPE.parent / recipe["model"])
-    recipe.update(run_dir=str(run_dir), steps=steps, log_every_steps=steps, resume="never",
-                  checkpoint={"every_steps": steps, "keep_last": 1}, mlflow={"log_system_metrics": False})
-    recipe["data"].update(datasets=[str(data["shards"])], text_tokenizer=str(data["spm"]))
-    return recipe
 
 
 def torchrun(*arguments: str) -> None:
@@ -57,12 +47,13 @@ def torchrun(*arguments: str) -> None:
 def stream_loaders(config: PretrainConfig, rank: int, world_size: int) -> dict:
     split = split_batch(config.batch, world_size)
     mask_id = TextTokenizer(config.data.text_tokenizer).mask_id
+    index = index_datasets(config.data.datasets)
     loaders = {}
     for stream in config.active_streams():
         settings = StreamSettings(stream=stream, micro_batch=split.micro[stream], seed=config.seed,
                                   image_size=config.model.image_size, grid=config.model.grid_size, mask_id=mask_id,
                                   shuffle_window_shards=config.data.shuffle_window_shards)
-        dataset = MicroBatchStream(stream_shards(config.data.datasets, stream), settings, rank, world_size)
+        dataset = MicroBatchStream(index.shards[stream], settings, rank, world_size)
         loaders[stream] = iter(build_loader(dataset, config.data.workers, config.data.prefetch_batches))
     return loaders
 
@@ -159,7 +150,9 @@ def main(argv=None):
         print(f"{'round':>5} {'full samples/s':>15} {'bare step':>10} {'plain f+b':>10} {'overhead':>9} "
               f"{'loader/rank':>12} {'headroom':>9}")
         for round_index in range(args.rounds):
-            recipe = recipe_for(data, folder / f"run-{round_index}", args.steps)
+            recipe = tiny_recipe(folder / f"run-{round_index}", data, steps=args.steps, log_every_steps=args.steps,
+                                 resume="never", checkpoint={"every_steps": args.steps, "keep_last": 1},
+                                 mlflow={"log_system_metrics": False})
             full = measure_full(recipe, folder, args.steps)
             bare = measure_bare(recipe, folder, args.steps)
             loader = measure_loader(recipe, folder, micro_steps=args.steps)

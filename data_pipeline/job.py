@@ -22,9 +22,9 @@ from beit3.tokenizers.visual import build_visual_tokenizer
 
 from .config import DataConfig
 from .manifest import Manifest, load_or_start
-from .processing import add_codes, finish_shard, local_copy, prepare_images, prepare_pairs, prepare_text
+from .processing import add_codes, finish_shard, prepare_images, prepare_pairs, prepare_text
 from .sources import plan_shards
-from .storage import open_storage
+from .storage import local_copy, open_storage
 
 
 def _prepare(row: dict, config_json: str) -> dict:

@@ -9,7 +9,6 @@ import gzip
 import io
 import json
 import tarfile
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from beit3.tokenizers.visual import VisualTokenizer
 from .config import DataConfig
 from .shards import ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar_bytes, shard_name, tar_bytes
 from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile
-from .storage import StorageError, open_storage
+from .storage import StorageError, local_copy, open_storage
 from .views import choose_views, render_view, resize_shorter_side
 
 CODE_BATCH = 64
@@ -334,17 +333,6 @@ def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.nd
     rows[:, 0] = BOS
     rows[:, 1:][np.arange(text_len - 1) < row_lengths[:, None]] = stream
     return rows
-
-
-@functools.lru_cache(maxsize=8)
-def local_copy(url: str) -> str:
-    """A local path for a file given as a local path or an s3:// URL (fetched once per worker process)."""
-    if not url.startswith("s3://"):
-        return url
-    root, _, name = url.rpartition("/")
-    with tempfile.NamedTemporaryFile(suffix=f"-{name}", delete=False) as handle:
-        handle.write(open_storage(root).read_bytes(name))
-    return handle.name
 
 
 @functools.lru_cache(maxsize=4)

@@ -179,3 +179,15 @@ def open_storage(url: str | Path) -> Storage:
     if "://" in text:
         raise StorageError(f"{text}: only local paths and s3:// URLs are supported")
     return LocalStorage(text)
+
+
+@functools.lru_cache(maxsize=8)
+def local_copy(url: str) -> str:
+    """A local path for a file given as a local path or an s3:// URL (fetched once per process), for readers
+    that only open paths (SentencePiece, checkpoint loaders)."""
+    if not url.startswith("s3://"):
+        return url
+    root, _, name = url.rpartition("/")
+    with tempfile.NamedTemporaryFile(suffix=f"-{name}", delete=False) as handle:
+        handle.write(open_storage(root).read_bytes(name))
+    return handle.name

@@ -3,13 +3,16 @@
 `run_dir/checkpoints/step-00001000/` holds DeepSpeed's model and ZeRO files plus `trainer-rank-{r}.pt`: that
 rank's data position per stream and its RNG states. `checkpoints/latest` names the newest complete checkpoint;
 it is written (atomically) only after every rank has finished writing, so a checkpoint cut short by a crash is
-never chosen.
+never chosen. `checkpoints/universal/` holds DeepSpeed universal-format copies made when a run resumes across
+ZeRO stage 3.
 """
 
 import io
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 
 LATEST = "latest"
 TAG_PREFIX = "step-"
+UNIVERSAL = "universal"
 
 
 class CheckpointError(ValueError):
@@ -96,3 +100,41 @@ def prune(checkpoint_dir: Path, keep_last: int) -> list[str]:
     for tag in removed:
         shutil.rmtree(checkpoint_dir / tag)
     return removed
+
+
+def convert_to_universal(checkpoint_dir: Path, tag: str) -> None:
+    """Convert a checkpoint, once, with DeepSpeed's own tool to its universal format (which any ZeRO stage
+    loads, optimizer state included), into `checkpoints/universal/{tag}`: resuming under a ZeRO stage on the
+    other side of stage 3 needs it. One process runs it."""
+    universal = checkpoint_dir / UNIVERSAL
+    if not (universal / tag).is_dir():
+        partial = universal / f"{tag}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(checkpoint_dir / tag), "--output_folder", str(partial), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True)
+        _name_model_states_for_every_stage(partial)
+        _add_stage3_optimizer_step(partial)
+        os.replace(partial, universal / tag)
+
+
+def _name_model_states_for_every_stage(folder: Path) -> None:
+    """DeepSpeed looks for the model states under a ZeRO-3 name or a ZeRO-1/2 name depending on the stage it
+    loads into, while the converter keeps the source stage's name: give the universal folder both."""
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    present = next(name for name in names if (folder / name).exists())
+    for name in names:
+        if not (folder / name).exists():
+            os.link(folder / present, folder / name)
+
+
+def _add_stage3_optimizer_step(folder: Path) -> None:
+    """ZeRO-3 reads the Adam step count from a field the converter writes only for ZeRO-3 sources; copy it from
+    a parameter's saved step so a ZeRO-1/2 checkpoint loads into ZeRO-3 too."""
+    path = folder / "zero" / "optimizer_state.pt"
+    global_state = torch.load(path, weights_only=False)
+    if "optimizer_state_dict" not in global_state:
+        step = torch.load(next((folder / "zero").glob("*/step.pt")), weights_only=False)
+        global_state["optimizer_state_dict"] = {"state": {0: {"step": step}},
+                                                "param_groups": global_state["param_groups"]}
+        torch.save(global_state, path)

@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from beit3.data_pipeline.manifest import MANIFEST_NAME
+from beit3.data_pipeline.shards import KINDS
 from beit3.data_pipeline.storage import open_storage
 from beit3.data_pipeline.views import View, render_view
 from beit3.pretrain.masking import BlockMasking, TextMasking, masked_patch_count, sample_seed
@@ -79,7 +80,7 @@ class StreamSettings:
 
 
 def read_manifest(dataset: str) -> tuple[dict, str]:
-    """A dataset's manifest and the sha256 of its bytes (recorded by runs to detect a changed dataset)."""
+    """A dataset's manifest and the sha256 of its bytes."""
     storage = open_storage(dataset)
     if not storage.exists(MANIFEST_NAME):
         raise ShardDataError(f"{storage.url(MANIFEST_NAME)}: no manifest (is this the output of `beit3 data build`?)")
@@ -90,19 +91,29 @@ def read_manifest(dataset: str) -> tuple[dict, str]:
         raise ShardDataError(f"{storage.url(MANIFEST_NAME)}: not valid JSON ({error})") from None
 
 
-def stream_shards(datasets: list[str], stream: str) -> list[ShardRef]:
-    """Every non-empty shard of this stream's kind, checked to exist, in a fixed order."""
-    shards = []
+@dataclass(frozen=True)
+class DatasetIndex:
+    shards: dict[str, list[ShardRef]]
+    """Per kind (image, text, pair), every non-empty shard, checked to exist, in a fixed order."""
+    manifest_digests: dict[str, str]
+    """Per dataset, the sha256 of its manifest's bytes (recorded by runs to detect a changed dataset)."""
+
+
+def index_datasets(datasets: list[str]) -> DatasetIndex:
+    """Each dataset's manifest read once and its storage listed once (one listing is many requests on S3)."""
+    shards: dict[str, list[ShardRef]] = {kind: [] for kind in KINDS}
+    digests = {}
     for dataset in datasets:
-        manifest, _ = read_manifest(dataset)
-        listed = [entry for entry in manifest["shards"] if entry["kind"] == stream and entry["samples"] > 0]
+        manifest, digests[dataset] = read_manifest(dataset)
+        listed = [entry for entry in manifest["shards"] if entry["samples"] > 0]
         stored = set(open_storage(dataset).list()) if listed else set()
         missing = [entry["name"] for entry in listed if entry["name"] not in stored]
         if missing:
             raise ShardDataError(f"{dataset}: {len(missing)} shard(s) named in the manifest are missing, e.g. "
                                  f"{', '.join(missing[:3])}")
-        shards += [ShardRef(dataset, entry["name"], entry["samples"], entry["sha256"]) for entry in listed]
-    return shards
+        for entry in listed:
+            shards[entry["kind"]].append(ShardRef(dataset, entry["name"], entry["samples"], entry["sha256"]))
+    return DatasetIndex(shards, digests)
 
 
 def shards_for_worker(shards: list[ShardRef], seed: int, stream: str, epoch: int, rank: int, world_size: int,

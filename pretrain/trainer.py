@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,11 @@ import torch.distributed as dist
 import yaml
 
 from beit3.config import ConfigError
-from beit3.data_pipeline.processing import load_text_tokenizer
+from beit3.data_pipeline.storage import local_copy
 from beit3.pretrain.checkpoints import (
+    UNIVERSAL,
     CheckpointError,
+    convert_to_universal,
     latest_tag,
     load_trainer_state,
     mark_latest,
@@ -45,10 +46,10 @@ from beit3.pretrain.shard_streams import (
     MicroBatchStream,
     StreamSettings,
     build_loader,
-    read_manifest,
-    stream_shards,
+    index_datasets,
 )
 from beit3.pretrain.train_config import BatchSplit, PretrainConfig, deepspeed_config, split_batch
+from beit3.tokenizers.text import TextTokenizer
 from beit3.tokenizers.visual import build_visual_tokenizer
 
 COMPONENTS = ("image", "text", "pair_image", "pair_text")
@@ -179,6 +180,7 @@ def step_metrics(reduced: torch.Tensor, seconds: float, lr: float, grad_norm: fl
     loss, correct, predicted, seen = (reduced[i * n : (i + 1) * n] for i in range(4))
     tokens = dict(zip(("image", "text", "pair"), reduced[4 * n :].tolist()))
     metrics: dict[str, float] = {"lr": lr, "step_seconds": seconds}
+    weights = config.loss_weights.model_dump()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     total_loss = 0.0
@@ -186,7 +188,7 @@ def step_metrics(reduced: torch.Tensor, seconds: float, lr: float, grad_norm: fl
         if seen[index] > 0:
             metrics[f"loss/{component}"] = float(loss[index] / seen[index])
             metrics[f"accuracy/{component}"] = float(correct[index] / max(predicted[index], 1))
-            total_loss += config.loss_weights.model_dump()[component] * metrics[f"loss/{component}"]
+            total_loss += weights[component] * metrics[f"loss/{component}"]
     metrics["loss"] = total_loss
     flops = 0.0
     for stream, count in tokens.items():
@@ -236,14 +238,15 @@ class Preflight:
     manifests: dict[str, str]
     fingerprint: dict
     tag: str | None
-    text_tokenizer: object
+    text_tokenizer: TextTokenizer
 
 
 def preflight(config: PretrainConfig, world_size: int, require_resume: bool = False) -> Preflight:
     """Batch division, shards present, the tokenizer fits the model, and a resume that can be exact."""
     split = split_batch(config.batch, world_size)
-    manifests = {dataset: read_manifest(dataset)[1] for dataset in config.data.datasets}
-    shards = {stream: stream_shards(config.data.datasets, stream) for stream in config.active_streams()}
+    index = index_datasets(config.data.datasets)
+    manifests = index.manifest_digests
+    shards = {stream: index.shards[stream] for stream in config.active_streams()}
     for stream, refs in shards.items():
         if not refs:
             raise ConfigError(f"batch.{stream}: {config.batch.global_count(stream)} samples per step asked, but "
@@ -259,7 +262,7 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     if tag is not None:
         check_resume(json.loads((run_dir / RUN_STATE).read_text()), fingerprint, manifests)
-    text_tokenizer = load_text_tokenizer(config.data.text_tokenizer)
+    text_tokenizer = TextTokenizer(local_copy(config.data.text_tokenizer))
     if text_tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the text tokenizer's "
                           f"vocabulary ({text_tokenizer.vocab_size})")
@@ -276,11 +279,6 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     split, shards, tag, text_tokenizer = checked.split, checked.shards, checked.tag, checked.text_tokenizer
     run_dir = Path(config.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
-
-    text_tokenizer = load_text_tokenizer(config.data.text_tokenizer)
-    if text_tokenizer.vocab_size > config.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the text tokenizer's "
-                          f"vocabulary ({text_tokenizer.vocab_size})")
     visual_tokenizer = None
     if config.data.visual_codes == "on_the_fly":
         visual_tokenizer, _ = build_visual_tokenizer(config.data.visual_tokenizer)
@@ -290,7 +288,10 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     if tag is not None:
         state = load_trainer_state(checkpoint_dir, tag, rank)
         if (state["zero_stage"] == 3) != (config.zero.stage == 3):
-            load_dir = universal_checkpoint(checkpoint_dir, tag, rank)
+            if rank == 0:
+                convert_to_universal(checkpoint_dir, tag)
+            dist.barrier()
+            load_dir = checkpoint_dir / UNIVERSAL
             ds_config["checkpoint"] = {"load_universal": True}
 
     torch.manual_seed(config.seed)
@@ -381,45 +382,6 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     finally:
         sink.close(status)
     return TrainResult(run_dir, step, resumed_from, sink.run_id)
-
-
-def universal_checkpoint(checkpoint_dir: Path, tag: str, rank: int) -> Path:
-    """A checkpoint written under another ZeRO stage, converted once by DeepSpeed's own tool to its universal
-    format (which any stage loads, optimizer state included); returns the folder holding it under `tag`."""
-    universal = checkpoint_dir / "universal"
-    if rank == 0 and not (universal / tag).is_dir():
-        partial = universal / f"{tag}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(checkpoint_dir / tag), "--output_folder", str(partial), "--num_extract_workers", "1",
-                        "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True)
-        _name_model_states_for_every_stage(partial)
-        _add_stage3_optimizer_step(partial)
-        os.replace(partial, universal / tag)
-    dist.barrier()
-    return universal
-
-
-def _name_model_states_for_every_stage(folder: Path) -> None:
-    """DeepSpeed looks for the model states under a ZeRO-3 name or a ZeRO-1/2 name depending on the stage it
-    loads into, while the converter keeps the source stage's name: give the universal folder both."""
-    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    present = next(name for name in names if (folder / name).exists())
-    for name in names:
-        if not (folder / name).exists():
-            os.link(folder / present, folder / name)
-
-
-def _add_stage3_optimizer_step(folder: Path) -> None:
-    """ZeRO-3 reads the Adam step count from a field the converter writes only for ZeRO-3 sources; copy it from
-    a parameter's saved step so a ZeRO-1/2 checkpoint loads into ZeRO-3 too."""
-    path = folder / "zero" / "optimizer_state.pt"
-    global_state = torch.load(path, weights_only=False)
-    if "optimizer_state_dict" not in global_state:
-        step = torch.load(next((folder / "zero").glob("*/step.pt")), weights_only=False)
-        global_state["optimizer_state_dict"] = {"state": {0: {"step": step}},
-                                                "param_groups": global_state["param_groups"]}
-        torch.save(global_state, path)
 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, positions: dict[str, int],

@@ -27,9 +27,10 @@ from beit3.config import validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.sources import plan_shards
 from beit3.pretrain.checkpoints import tag_for
+from beit3.sample_data import tiny_recipe
 from pipeline_inputs import BAD_IMAGES, data_config, make_imagenet, make_spm, make_text
 from s3_endpoint import CREDENTIALS, free_port
-from training_fixtures import REPO, tiny_recipe, write_recipe
+from training_fixtures import REPO, write_recipe
 
 LAUNCH = REPO / "launch"
 SHELL_SCRIPTS = [LAUNCH / "torchrun" / "train.sh", LAUNCH / "deepspeed" / "train.sh", LAUNCH / "slurm" / "train.sbatch"]

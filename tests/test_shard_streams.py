@@ -14,9 +14,9 @@ from beit3.pretrain.shard_streams import (
     ShardDataError,
     StreamSettings,
     build_loader,
+    index_datasets,
     read_shard_samples,
     shards_for_worker,
-    stream_shards,
 )
 from beit3.tokenizers.text import TextTokenizer
 from beit3.tokenizers.visual import RandomProjectionTokenizer, VisualTokenizerConfig
@@ -40,7 +40,7 @@ def take(loader, count):
 
 @pytest.mark.parametrize("stream", ["image", "text", "pair"])
 def test_resumed_stream_continues_exactly_where_it_stopped(training_data, mask_id, stream):
-    shards = stream_shards([str(training_data["shards"])], stream)
+    shards = index_datasets([str(training_data["shards"])]).shards[stream]
     full = take(build_loader(MicroBatchStream(shards, settings(stream, mask_id), 0, 2), workers=2,
                              prefetch_batches=1), 7)
     resumed = take(build_loader(MicroBatchStream(shards, settings(stream, mask_id), 0, 2, start_micro_batches=3),
@@ -53,7 +53,7 @@ def test_resumed_stream_continues_exactly_where_it_stopped(training_data, mask_i
 
 
 def test_shards_are_dealt_to_ranks_and_workers_without_overlap(training_data):
-    shards = stream_shards([str(training_data["shards"])], "text")
+    shards = index_datasets([str(training_data["shards"])]).shards["text"]
     for epoch in (0, 1):
         dealt = [shards_for_worker(shards, 5, "text", epoch, rank, 2, worker, 2) for rank in (0, 1)
                  for worker in (0, 1)]
@@ -65,7 +65,7 @@ def test_shards_are_dealt_to_ranks_and_workers_without_overlap(training_data):
 
 
 def test_one_epoch_on_one_rank_sees_every_sample_once(training_data, mask_id):
-    shards = stream_shards([str(training_data["shards"])], "pair")
+    shards = index_datasets([str(training_data["shards"])]).shards["pair"]
     total = sum(ref.samples for ref in shards)
     stream = MicroBatchStream(shards, settings("pair", mask_id, micro_batch=1), rank=0, world_size=1)
     keys = [batch["keys"][0] for batch in take(build_loader(stream, workers=0, prefetch_batches=1), total)]
@@ -75,7 +75,7 @@ def test_one_epoch_on_one_rank_sees_every_sample_once(training_data, mask_id):
 def test_replayed_view_reproduces_the_stored_codes(training_data, mask_id):
     """Without colour jitter, the loader's image is the view the pipeline tokenized: the same tokenizer gives
     the stored codes back."""
-    shards = stream_shards([str(training_data["shards"])], "image")
+    shards = index_datasets([str(training_data["shards"])]).shards["image"]
     stream = MicroBatchStream(shards, settings("image", mask_id, color_jitter=0.0), rank=0, world_size=1)
     batch = take(build_loader(stream, workers=0, prefetch_batches=1), 1)[0]
     tokenizer = RandomProjectionTokenizer(VisualTokenizerConfig(kind="random", seed=0, patch_size=16,
@@ -87,7 +87,7 @@ def test_replayed_view_reproduces_the_stored_codes(training_data, mask_id):
 
 
 def test_colour_jitter_is_seeded_per_sample(training_data, mask_id):
-    shards = stream_shards([str(training_data["shards"])], "image")
+    shards = index_datasets([str(training_data["shards"])]).shards["image"]
     plain, jittered, again = (
         take(build_loader(MicroBatchStream(shards, settings("image", mask_id, color_jitter=strength), 0, 1),
                           workers=0, prefetch_batches=1), 1)[0]["image"] for strength in (0.0, 0.4, 0.4))
@@ -95,7 +95,7 @@ def test_colour_jitter_is_seeded_per_sample(training_data, mask_id):
 
 
 def test_texts_and_captions_are_masked_at_their_rates(training_data, mask_id):
-    shards = stream_shards([str(training_data["shards"])], "text")
+    shards = index_datasets([str(training_data["shards"])]).shards["text"]
     batch = take(build_loader(MicroBatchStream(shards, settings("text", mask_id, micro_batch=64), 0, 1),
                               workers=0, prefetch_batches=1), 1)[0]
     eligible = (~batch["text_padding_mask"]) & (batch["labels"] > 3)
@@ -108,7 +108,7 @@ def test_texts_and_captions_are_masked_at_their_rates(training_data, mask_id):
 def test_altered_shard_is_refused(training_data, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(training_data["shards"], copy)
-    (ref,) = [r for r in stream_shards([str(copy)], "image") if r.name == "image-000000.tar"]
+    (ref,) = [r for r in index_datasets([str(copy)]).shards["image"] if r.name == "image-000000.tar"]
     data = bytearray((copy / ref.name).read_bytes())
     data[1000] ^= 0xFF
     (copy / ref.name).write_bytes(bytes(data))
@@ -117,14 +117,14 @@ def test_altered_shard_is_refused(training_data, tmp_path):
 
 
 def test_codes_for_another_grid_are_a_clear_error(training_data, mask_id):
-    shards = stream_shards([str(training_data["shards"])], "image")
+    shards = index_datasets([str(training_data["shards"])]).shards["image"]
     stream = MicroBatchStream(shards, settings("image", mask_id, grid=14, image_size=224), rank=0, world_size=1)
     with pytest.raises(ShardDataError, match="stored codes are a 7x7 grid but the model has 14x14 patches"):
         take(build_loader(stream, workers=0, prefetch_batches=1), 1)
 
 
 def test_too_few_shards_for_the_workers_is_a_clear_error(training_data, mask_id):
-    shards = stream_shards([str(training_data["shards"])], "image")[:1]
+    shards = index_datasets([str(training_data["shards"])]).shards["image"][:1]
     stream = MicroBatchStream(shards, settings("image", mask_id), rank=1, world_size=2)
     with pytest.raises(ShardDataError, match="1 shards cannot feed 2 ranks x 1 loader workers"):
         take(build_loader(stream, workers=0, prefetch_batches=1), 1)
@@ -135,7 +135,7 @@ def test_codes_computed_on_the_fly_match_the_stored_ones(training_data, mask_id)
     trainer tokenizes it on the device; with the pipeline's tokenizer that gives the stored codes."""
     from beit3.pretrain.trainer import to_device
 
-    shards = stream_shards([str(training_data["shards"])], "image")
+    shards = index_datasets([str(training_data["shards"])]).shards["image"]
     stored = take(build_loader(MicroBatchStream(shards, settings("image", mask_id), 0, 1), 0, 1), 1)[0]
     on_the_fly = take(build_loader(MicroBatchStream(shards, settings("image", mask_id, tokenizer_view_size=112),
                                                     0, 1), 0, 1), 1)[0]
@@ -163,7 +163,7 @@ class _RestoreOnRetry(logging.Handler):
 def test_reads_are_retried_through_an_outage(training_data, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(training_data["shards"], copy)
-    (ref,) = [r for r in stream_shards([str(copy)], "pair") if r.name == "pair-000000.tar"]
+    (ref,) = [r for r in index_datasets([str(copy)]).shards["pair"] if r.name == "pair-000000.tar"]
     expected = read_shard_samples(ref, verify_sha256=True)
     away = tmp_path / "away"
     copy.rename(away)
@@ -180,7 +180,7 @@ def test_reads_are_retried_through_an_outage(training_data, tmp_path):
 def test_a_lasting_outage_fails_loudly_naming_the_shard(training_data, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(training_data["shards"], copy)
-    (ref,) = [r for r in stream_shards([str(copy)], "pair") if r.name == "pair-000000.tar"]
+    (ref,) = [r for r in index_datasets([str(copy)]).shards["pair"] if r.name == "pair-000000.tar"]
     (copy / ref.name).unlink()
     with pytest.raises(ShardDataError, match="pair-000000.tar: unreadable after 3 attempts"):
         read_shard_samples(ref, verify_sha256=True, attempts=3, backoff_seconds=0.01)

@@ -81,7 +81,7 @@ def test_ranges_and_sizes(storage):
 
 
 def test_local_copy_fetches_s3_files_once(s3_bucket, tmp_path):
-    from beit3.data_pipeline.processing import local_copy
+    from beit3.data_pipeline.storage import local_copy
 
     storage = open_storage(f"s3://{s3_bucket}/tokenizers")
     storage.write_atomic("vqkd.pth", b"weights")

@@ -17,7 +17,8 @@ from beit3.pretrain.checkpoints import mark_latest, tag_for
 from beit3.pretrain.export import export_checkpoint, log_export_to_mlflow, run_model_config, verify_export
 from beit3.pretrain.released_format import from_released
 from s3_endpoint import CREDENTIALS
-from training_fixtures import launch_training, run_training, tiny_recipe, write_recipe
+from beit3.sample_data import tiny_recipe
+from training_fixtures import launch_training, run_training, write_recipe
 
 STEPS = 12
 CHANCE_LOSS = 4 * 6.931

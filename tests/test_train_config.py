@@ -21,8 +21,8 @@ from beit3.pretrain.train_config import (
     split_batch,
 )
 from beit3.pretrain.trainer import RUN_STATE, ResumeError, preflight, resume_fingerprint
+from beit3.sample_data import tiny_recipe
 from conftest import REPO, model_config
-from training_fixtures import tiny_recipe
 
 RECIPES = REPO / "configs" / "pretrain"
 
@@ -106,10 +106,9 @@ def test_no_weight_decay_on_biases_norms_positions_and_special_tokens():
 
 
 def _config(run_dir, data, **overrides) -> PretrainConfig:
-    recipe = tiny_recipe(run_dir, data, **overrides)
-    raw_model = yaml.safe_load(Path(recipe["model"]).read_text())
-    recipe["model"] = {**raw_model, **recipe.pop("model_overrides")}
-    return validate_config(PretrainConfig, recipe, "recipe")
+    path = run_dir.parent / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(run_dir, data, **overrides)))
+    return load_pretrain_config(path)
 
 
 def test_preflight_passes_on_good_data(tmp_path, training_data):

@@ -15,21 +15,6 @@ import yaml
 from s3_endpoint import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_RECIPE = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
-
-
-def tiny_recipe(run_dir: Path, data: dict, **overrides) -> dict:
-    """configs/pretrain/tiny_cpu.yaml pointed at test data, with fields overridden (nested dicts merge)."""
-    recipe = yaml.safe_load(TINY_RECIPE.read_text())
-    recipe["model"] = str(TINY_RECIPE.parent / recipe["model"])
-    recipe["run_dir"] = str(run_dir)
-    recipe["data"].update(datasets=[str(data["shards"])], text_tokenizer=str(data["spm"]))
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
-    return recipe
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:
