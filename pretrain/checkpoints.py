@@ -5,6 +5,9 @@ rank's data position per stream and its RNG states. `checkpoints/latest` names t
 it is written (atomically) only after every rank has finished writing, so a checkpoint cut short by a crash is
 never chosen. `checkpoints/universal/` holds DeepSpeed universal-format copies made when a run resumes across
 ZeRO stage 3.
+
+DeepSpeed reads its own files with full pickle, which runs any code a file names; `refuse_untrusted_pickles`
+scans a checkpoint before that and refuses one that names anything but the plain records DeepSpeed writes.
 """
 
 import io
@@ -21,6 +24,15 @@ import torch
 LATEST = "latest"
 TAG_PREFIX = "step-"
 UNIVERSAL = "universal"
+
+
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+"""The classes DeepSpeed's ZeRO 1-3 and universal checkpoints pickle beside tensors: an enum and two plain
+records, rebuilt from their fields without calling code chosen by the file."""
 
 
 class CheckpointError(ValueError):
@@ -90,6 +102,34 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     if not (checkpoint_dir / tag).is_dir():
         raise CheckpointError(f"{marker} names {tag!r}, which does not exist")
     return tag
+
+
+def remove_incomplete(checkpoint_dir: Path) -> list[str]:
+    """Remove checkpoint folders newer than `latest` (all of them when there is none): a crash cut them short,
+    since `latest` moves only once every rank has written. A later save then starts from an empty folder."""
+    current = latest_tag(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    removed = sorted(p.name for p in checkpoint_dir.iterdir()
+                     if p.is_dir() and p.name.startswith(TAG_PREFIX) and (current is None or p.name > current))
+    for tag in removed:
+        shutil.rmtree(checkpoint_dir / tag)
+    return removed
+
+
+def refuse_untrusted_pickles(folder: Path) -> None:
+    """Scan every `.pt` file under `folder` for the globals its pickle would import, without running it, and
+    refuse the checkpoint if any lies outside what DeepSpeed writes: DeepSpeed loads these files with
+    `weights_only=False`, so a planted file would otherwise run its code on every rank."""
+    for path in sorted(folder.rglob("*.pt")):
+        try:
+            named = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except (RuntimeError, ValueError, OSError, EOFError) as error:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({error})") from None
+        unexpected = sorted(named - DEEPSPEED_PICKLE_GLOBALS)
+        if unexpected:
+            raise CheckpointError(f"{path}: refused: its pickle would import {', '.join(unexpected)}, which no "
+                                  "checkpoint written by beit3 train holds (a file placed there to run code?)")
 
 
 def prune(checkpoint_dir: Path, keep_last: int) -> list[str]:

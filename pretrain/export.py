@@ -16,7 +16,7 @@ import yaml
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
 
-from beit3.pretrain.checkpoints import CheckpointError, latest_tag
+from beit3.pretrain.checkpoints import CheckpointError, latest_tag, refuse_untrusted_pickles
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.model_config import ModelConfig
 from beit3.pretrain.released_format import from_released, to_released, unwrap_checkpoint
@@ -50,6 +50,7 @@ def consolidate(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint to export")
     if not (checkpoint_dir / tag).is_dir():
         raise CheckpointError(f"{checkpoint_dir / tag}: no such checkpoint")
+    refuse_untrusted_pickles(checkpoint_dir / tag)
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag), tag
 
 

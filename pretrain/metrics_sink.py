@@ -11,6 +11,8 @@ from typing import Protocol
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from beit3.redaction import redact_urls, split_url_credentials
+
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -49,6 +51,10 @@ class MlflowSink:
 
     def __init__(self, run_dir: Path, uri: str, experiment: str, run_name: str, params: dict[str, str],
                  tags: dict[str, str], system_metrics_interval: float | None):
+        uri, user, password = split_url_credentials(uri)
+        if user is not None:  # MLflow writes its tracking URI into error messages: credentials go beside it
+            os.environ["MLFLOW_TRACKING_USERNAME"] = user
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
         mlflow.set_tracking_uri(uri)
         if system_metrics_interval:
             mlflow.set_system_metrics_sampling_interval(system_metrics_interval)
@@ -81,10 +87,10 @@ class MlflowSink:
 
 
 def flatten(prefix: str, value: object) -> dict[str, str]:
-    """A nested config as MLflow params: `optimizer.peak_lr` -> '0.001'."""
+    """A nested config as MLflow params: `optimizer.peak_lr` -> '0.001' (credentials in URLs redacted)."""
     if isinstance(value, dict):
         flat: dict[str, str] = {}
         for key, item in value.items():
             flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
         return flat
-    return {prefix: str(value)}
+    return {prefix: redact_urls(str(value))}

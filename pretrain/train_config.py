@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from beit3.config import ConfigError, load_config, validate_config
 from beit3.pretrain.model_config import ModelConfig
+from beit3.redaction import redact_urls
 from beit3.tokenizers.visual import VisualTokenizerConfig
 
 STREAMS = ("image", "text", "pair")
@@ -89,6 +90,11 @@ class CheckpointSettings(_Strict):
 
 class MlflowSettings(_Strict):
     tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the run dir.")
+
+    @field_serializer("tracking_uri", when_used="json")
+    def _without_password(self, uri: str | None) -> str | None:
+        """Saved configs and MLflow params are JSON dumps: they never carry a password written into the URI."""
+        return redact_urls(uri) if uri else uri
     experiment: str = "beit3-pretrain"
     log_system_metrics: bool = True
     system_metrics_interval_seconds: float = Field(10.0, gt=0, description="How often CPU/GPU/memory are sampled.")

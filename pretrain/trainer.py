@@ -30,6 +30,8 @@ from beit3.pretrain.checkpoints import (
     load_trainer_state,
     mark_latest,
     prune,
+    refuse_untrusted_pickles,
+    remove_incomplete,
     restore_rng_states,
     rng_states,
     save_trainer_state,
@@ -284,8 +286,12 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
         visual_tokenizer, _ = build_visual_tokenizer(config.data.visual_tokenizer)
         visual_tokenizer = visual_tokenizer.to(device).eval()
 
+    if rank == 0:
+        for removed in remove_incomplete(checkpoint_dir):
+            print(f"train: removed {checkpoint_dir / removed}, a checkpoint a crash left incomplete", flush=True)
     state, load_dir, ds_config = None, checkpoint_dir, deepspeed_config(config, split)
     if tag is not None:
+        refuse_untrusted_pickles(checkpoint_dir / tag)
         state = load_trainer_state(checkpoint_dir, tag, rank)
         if (state["zero_stage"] == 3) != (config.zero.stage == 3):
             if rank == 0:

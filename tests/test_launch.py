@@ -289,9 +289,23 @@ def s3_bucket_name(s3_endpoint_url) -> str:
     return name
 
 
+def test_ray_jobs_get_aws_keys_only_when_asked(monkeypatch):
+    """Ray shows a job's environment to anyone who can list jobs: keys go there only with the flag."""
+    from beit3.launch.ray.submit import aws_environment
+
+    secret = "fake-secret-key-in-the-submitting-shell"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert secret not in aws_environment().values()
+    assert aws_environment()["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9"
+    assert aws_environment(with_credentials=True)["AWS_SECRET_ACCESS_KEY"] == secret
+
+
 def test_data_pipeline_runs_as_a_job_on_a_two_node_ray_cluster(tmp_path, s3_endpoint_url, s3_bucket_name):
-    """Submitted with beit3.launch.ray.submit --wait; the shards go to S3 with the credentials and endpoint of
-    the submitting shell only, so they reach the cluster through the job's runtime environment."""
+    """Submitted with beit3.launch.ray.submit --wait --forward-aws-credentials; the shards go to S3 with the
+    credentials and endpoint of the submitting shell only, so they reach the cluster through the job's runtime
+    environment."""
     good_images = make_imagenet(tmp_path / "imagenet", per_class=2)
     make_text(tmp_path / "text")
     output = f"s3://{s3_bucket_name}/shards"
@@ -303,7 +317,7 @@ def test_data_pipeline_runs_as_a_job_on_a_two_node_ray_cluster(tmp_path, s3_endp
     with ray_cluster(tmp_path) as (dashboard, cluster_environment):
         submitter = {**cluster_environment, **aws}
         result = subprocess.run([sys.executable, "-m", "beit3.launch.ray.submit", "--address", dashboard,
-                                 "--config", str(config), "--wait", "--quiet"], env=submitter, cwd=tmp_path,
+                                 "--config", str(config), "--wait", "--quiet", "--forward-aws-credentials"], env=submitter, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "submitted job raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout

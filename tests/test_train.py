@@ -3,7 +3,11 @@ pipeline (on disk and on the loopback S3 endpoint), an MLflow server on loopback
 and an exact resume after SIGKILL of one rank."""
 
 import json
+import os
 import shutil
+import threading
+import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -13,11 +17,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from beit3.pretrain.checkpoints import mark_latest, tag_for
+from beit3.pretrain.checkpoints import CheckpointError, mark_latest, tag_for
 from beit3.pretrain.export import export_checkpoint, log_export_to_mlflow, run_model_config, verify_export
 from beit3.pretrain.released_format import from_released
-from s3_endpoint import CREDENTIALS
+from s3_endpoint import CREDENTIALS, free_port
 from beit3.sample_data import tiny_recipe
+from network_faults import cuttable_endpoint
 from training_fixtures import launch_training, run_training, write_recipe
 
 STEPS = 12
@@ -88,14 +93,19 @@ def test_checkpoints_keep_the_last_k(reference_run):
     assert (checkpoints / "latest").read_text() == tag_for(12)
 
 
-def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
-    for child in launcher.children(recursive=True):
-        try:
-            if "beit3.cli" in child.cmdline() and child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"rank {rank} not found under the launcher")
+def _rank_process(launcher: psutil.Process, rank: int, timeout: float = 0.0) -> psutil.Process:
+    """The rank's process under torchrun, waiting up to `timeout` seconds for the launcher to start it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for child in launcher.children(recursive=True):
+            try:
+                if "beit3.cli" in child.cmdline() and child.environ().get("RANK") == str(rank):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rank {rank} not found under the launcher")
+        time.sleep(0.05)
 
 
 def test_resume_after_one_rank_is_killed_is_exact(reference_run, tmp_path):
@@ -125,6 +135,78 @@ def test_resume_after_one_rank_is_killed_is_exact(reference_run, tmp_path):
     assert MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}").get_run(run_ids).info.status == "FINISHED"
 
 
+def _blocked_opening_a_fifo(process: psutil.Process) -> bool:
+    """The kernel's own word for a process waiting in open() for the other end of a named pipe."""
+    try:
+        return Path(f"/proc/{process.pid}/wchan").read_text() == "wait_for_partner"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_rank_killed_while_writing_a_checkpoint_never_makes_it_latest(reference_run, tmp_path):
+    """Rank 1's step-8 trainer state is made a named pipe once the run has started (a run first removes
+    checkpoint folders newer than `latest`), so rank 1 stops inside the checkpoint while rank 0 has written its
+    part. SIGKILL rank 1 there: `latest` stays at step 4; the resumed run removes the half-written checkpoint
+    and matches the uninterrupted run exactly."""
+    run_dir = tmp_path / "run"
+    recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "mlflow": {}}
+    config = write_recipe(tmp_path / "recipe.yaml", recipe)
+    half_written = run_dir / "checkpoints" / tag_for(8)
+    launcher = launch_training(config)
+    for line in launcher.stdout:
+        if line.startswith("train: "):  # printed after start-up, before step 1
+            half_written.mkdir(parents=True)
+            os.mkfifo(half_written / "trainer-rank-1.partial")
+            break
+    threading.Thread(target=launcher.stdout.read, daemon=True).start()
+    rank_1 = _rank_process(psutil.Process(launcher.pid), rank=1)
+    deadline = time.monotonic() + 300
+    while not ((half_written / "trainer-rank-0.pt").exists() and _blocked_opening_a_fifo(rank_1)):
+        assert launcher.poll() is None and time.monotonic() < deadline, "rank 1 never reached the checkpoint"
+        time.sleep(0.05)
+    rank_1.kill()
+    launcher.wait(timeout=300)
+    assert launcher.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(4)
+    assert not (half_written / "trainer-rank-1.pt").exists()
+
+    output = run_training(config, "--resume")
+    assert f"removed {half_written}, a checkpoint a crash left incomplete" in output
+    assert f"resumed from {tag_for(4)}" in output
+    for ours, theirs in zip(metrics(run_dir), metrics(reference_run["run_dir"]), strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6), ours["step"]
+    assert samples_seen(run_dir) == samples_seen(reference_run["run_dir"])
+
+
+class _PlantedCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint file would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_carrying_code_is_refused_before_deepspeed_unpickles_it(reference_run, tmp_path):
+    """DeepSpeed loads its files with full pickle; a model-states file replaced by one whose pickle calls
+    os.system is refused by resume and by export, naming the file and the import, and the command never runs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run["run_dir"], run_dir)
+    marker = tmp_path / "code-ran"
+    planted = run_dir / "checkpoints" / tag_for(STEPS) / "mp_rank_00_model_states.pt"
+    torch.save({"module": _PlantedCode(marker)}, planted)
+    recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "steps": STEPS + 1,
+              "mlflow": {"tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}"}}
+    process = launch_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert f"{planted}: refused: its pickle would import posix.system" in output
+    with pytest.raises(CheckpointError, match="posix.system"):
+        export_checkpoint(run_dir, tmp_path / "export")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_under_another_zero_stage(reference_run, tmp_path, stage):
     """A ZeRO-2 checkpoint continues under ZeRO-1 (same layout) or ZeRO-3 (through DeepSpeed's universal
@@ -151,8 +233,9 @@ def test_resume_under_another_zero_stage(reference_run, tmp_path, stage):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-2)
 
 
-def test_shards_on_object_storage(training_data, s3_endpoint_url, tmp_path):
-    """The same shards read through boto3 from the loopback S3 endpoint give the same first steps."""
+@pytest.fixture(scope="module")
+def s3_shards(training_data, s3_endpoint_url) -> str:
+    """The sample shards uploaded to a bucket on the loopback S3 endpoint; returns their s3:// URL."""
     bucket = "training-shards"
     client = boto3.client("s3", endpoint_url=s3_endpoint_url, region_name="us-east-1",
                           aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -160,14 +243,83 @@ def test_shards_on_object_storage(training_data, s3_endpoint_url, tmp_path):
     client.create_bucket(Bucket=bucket)
     for path in training_data["shards"].iterdir():
         client.upload_file(str(path), bucket, f"shards/{path.name}")
-    steps = 2
+    return f"s3://{bucket}/shards"
+
+
+def test_shards_on_object_storage_through_an_outage(training_data, s3_shards, s3_endpoint_url, tmp_path):
+    """Shards read through boto3 from the loopback S3 endpoint give the local run's losses and samples, also
+    when the endpoint goes away after step 1 and comes back once readers have been refused: with one shard per
+    shuffle window a rank reads a new image and pair shard every 2 steps, so reads fall in the outage."""
+    steps = 10
     local = tiny_recipe(tmp_path / "local", training_data, steps=steps, log_every_steps=1)
-    remote = {**local, "run_dir": str(tmp_path / "remote"),
-              "data": {**local["data"], "datasets": [f"s3://{bucket}/shards"]}}
+    local["data"]["shuffle_window_shards"] = 1
+    remote = {**local, "run_dir": str(tmp_path / "remote"), "data": {**local["data"], "datasets": [s3_shards]}}
     run_training(write_recipe(tmp_path / "local.yaml", local))
-    env = {"AWS_ENDPOINT_URL": s3_endpoint_url, **CREDENTIALS}
-    run_training(write_recipe(tmp_path / "remote.yaml", remote), env=env)
+    with cuttable_endpoint(s3_endpoint_url, tmp_path) as endpoint:
+        process = launch_training(write_recipe(tmp_path / "remote.yaml", remote),
+                                  env={"AWS_ENDPOINT_URL": endpoint.url, **CREDENTIALS})
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("step       1 "):
+                endpoint.cut()
+                refused = endpoint.wait_for_refusals(2)
+                endpoint.restore()
+        process.wait(timeout=600)
+    assert process.returncode == 0, "".join(lines)[-6000:]
+    assert refused >= 2
     assert [m["loss"] for m in metrics(tmp_path / "remote")] == [m["loss"] for m in metrics(tmp_path / "local")]
+    assert len(metrics(tmp_path / "remote")) == steps
+    assert samples_seen(tmp_path / "remote") == samples_seen(tmp_path / "local")
+
+
+FAKE_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEY7QM2PLX4Z", "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-Jr5Wq8Zt",
+                "AWS_SESSION_TOKEN": "fake-aws-session-Hn3Vb6Ks", "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-Cx9Dm1Lp"}
+URL_PASSWORD = "fake-url-password-Pq4Rt7Ya"
+
+
+def _leaks(text: str) -> list[str]:
+    return [secret for secret in (*FAKE_SECRETS.values(), URL_PASSWORD) if secret in text]
+
+
+def test_credentials_never_reach_logs_params_saved_configs_or_errors(training_data, s3_shards, s3_endpoint_url,
+                                                                     mlflow_url, tmp_path):
+    """Recognisable fake AWS keys and MLflow token in the environment, and a password in the tracking URI: a
+    run on S3 shards logging to the MLflow server, and two failing runs (MLflow unreachable, a missing bucket);
+    no secret appears in their output, any file of the run directory, or MLflow's params, tags and artifacts."""
+    run_dir = tmp_path / "run"
+    address = mlflow_url.removeprefix("http://")
+    recipe = tiny_recipe(run_dir, training_data, steps=2, log_every_steps=1, checkpoint={"every_steps": 2},
+                         mlflow={"tracking_uri": f"http://trainer:{URL_PASSWORD}@{address}"})
+    recipe["data"]["datasets"] = [s3_shards]
+    env = {**CREDENTIALS, **FAKE_SECRETS, "AWS_ENDPOINT_URL": s3_endpoint_url}
+    output = run_training(write_recipe(tmp_path / "recipe.yaml", recipe), env=env)
+    assert _leaks(output) == []
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert _leaks(path.read_bytes().decode("latin-1")) == [], path
+    assert f"trainer:***@{address}" in (run_dir / "config.yaml").read_text()
+
+    client = MlflowClient(mlflow_url)
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED"
+    assert _leaks(json.dumps({**run.data.params, **run.data.tags})) == []
+    for artifact in client.list_artifacts(run.info.run_id):
+        if not artifact.is_dir:
+            assert _leaks(Path(client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path))).read_text(
+                encoding="latin-1")) == [], artifact.path
+
+    unreachable = {**recipe, "run_dir": str(tmp_path / "unreachable"),
+                   "mlflow": {"tracking_uri": f"http://trainer:{URL_PASSWORD}@127.0.0.1:{free_port()}"}}
+    missing_bucket = {**recipe, "run_dir": str(tmp_path / "missing"),
+                      "data": {**recipe["data"], "datasets": ["s3://no-such-bucket/shards"]}}
+    for name, failing in (("unreachable", unreachable), ("missing", missing_bucket)):
+        process = launch_training(write_recipe(tmp_path / f"{name}.yaml", failing),
+                                  env={**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        failure, _ = process.communicate(timeout=300)
+        assert process.returncode != 0, failure[-3000:]
+        assert _leaks(failure) == [], failure[-3000:]
+    assert "no-such-bucket" in failure
 
 
 def test_export_gives_the_released_layout_and_verifies(reference_run, tmp_path, mlflow_url):

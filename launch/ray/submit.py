@@ -4,8 +4,9 @@
 
 The config file travels with the job (the runtime environment's working directory, which is also the job's
 current directory), so the paths inside it must be reachable from every node: `s3://` or absolute paths on a
-shared filesystem. The AWS_* variables of this shell are handed to the job, so S3 credentials and endpoints set
-here reach the cluster's processes.
+shared filesystem. The AWS_* settings of this shell (endpoint, region, profile) are handed to the job, so they
+reach the cluster's processes; the keys themselves only with `--forward-aws-credentials`, since Ray shows a
+job's environment to anyone who can list jobs (credentials on the nodes, such as an instance role, are better).
 """
 
 import argparse
@@ -26,17 +27,24 @@ def build_entrypoint(config_name: str, quiet: bool) -> str:
     return shlex.join(command + (["--quiet"] if quiet else []))
 
 
-def aws_environment() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+"""Ray keeps a job's environment in its job table, which `ray job list` and the dashboard show to anyone who
+can reach the cluster: these go there only when asked for."""
 
 
-def submit(client: JobSubmissionClient, config: Path, quiet: bool = False) -> str:
+def aws_environment(with_credentials: bool = False) -> dict[str, str]:
+    """The submitting shell's AWS_* settings (endpoint, region, profile, retries), keys only when asked for."""
+    return {name: value for name, value in os.environ.items()
+            if name.startswith("AWS_") and (with_credentials or name not in AWS_SECRETS)}
+
+
+def submit(client: JobSubmissionClient, config: Path, quiet: bool = False, with_credentials: bool = False) -> str:
     """Upload the config with the job and start it; returns the job's submission id."""
     with tempfile.TemporaryDirectory() as staging:
         shutil.copy(config, Path(staging) / config.name)
         return client.submit_job(
             entrypoint=build_entrypoint(config.name, quiet),
-            runtime_env={"working_dir": staging, "env_vars": aws_environment()},
+            runtime_env={"working_dir": staging, "env_vars": aws_environment(with_credentials)},
             metadata={"config": str(config)},
         )
 
@@ -58,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="a data YAML, e.g. configs/data/paper.yaml")
     parser.add_argument("--wait", action="store_true", help="follow the logs; exit non-zero unless the job succeeds")
     parser.add_argument("--quiet", action="store_true", help="no progress bars in the job's logs")
+    parser.add_argument("--forward-aws-credentials", action="store_true",
+                        help="also hand this shell's AWS keys to the job (Ray shows a job's environment to anyone "
+                             "who can list jobs; prefer credentials on the nodes, e.g. an instance role)")
     args = parser.parse_args(argv)
     if not args.config.is_file():
         print(f"submit: {args.config}: config file not found", file=sys.stderr)
         return 2
     try:
         client = JobSubmissionClient(args.address)
-        job_id = submit(client, args.config, quiet=args.quiet)
+        job_id = submit(client, args.config, quiet=args.quiet, with_credentials=args.forward_aws_credentials)
     except (ConnectionError, RuntimeError) as error:  # unreachable cluster, refused or unauthenticated request
         print(f"submit: {error}", file=sys.stderr)
         return 2
