@@ -6,6 +6,13 @@ its parts when it exceeds the sample or byte target, to storage). The driver add
 the manifest once all are stored (saving it every twentieth of progress and at the end). Planned shards already
 in the manifest are skipped, so a re-run after an interruption finishes the job with the same result as an
 uninterrupted run.
+
+Faults during a run: a worker process that dies (killed, out of memory, node lost) has its map task retried by
+Ray Data's defaults (task maps retry system failures without limit; a tokenizer actor that dies after starting is
+restarted without limit and its tasks retried), and since a shard's bytes depend only on its plan, the retry
+stores the same tar. Exceptions raised by the stages are not retried: storage errors are retried by the storage
+layer (see `storage`), one that outlasts those retries fails the job, and a re-run finishes it.
+tests/test_pipeline_faults.py kills a worker running a map task and cuts the S3 endpoint off mid-run.
 """
 
 import json

@@ -60,16 +60,23 @@ class Forwarder:
                 self.open_writers.discard(writer)
                 writer.close()
 
+    def _refuse(self, client_writer: asyncio.StreamWriter) -> None:
+        with self.refusals.open("ab") as counter:
+            counter.write(b".")
+        self._reset(client_writer)
+
     async def handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         if self.cut:
-            with self.refusals.open("ab") as counter:
-                counter.write(b".")
-            self._reset(client_writer)
+            self._refuse(client_writer)
             return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             self._reset(client_writer)
+            return
+        if self.cut:  # cut while this connection was reaching the server: nothing may pass during the outage
+            self._reset(upstream_writer)
+            self._refuse(client_writer)
             return
         self.open_writers.update((client_writer, upstream_writer))
         await asyncio.gather(self._pump(client_reader, upstream_writer), self._pump(upstream_reader, client_writer))
