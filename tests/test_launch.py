@@ -317,8 +317,8 @@ def test_data_pipeline_runs_as_a_job_on_a_two_node_ray_cluster(tmp_path, s3_endp
     with ray_cluster(tmp_path) as (dashboard, cluster_environment):
         submitter = {**cluster_environment, **aws}
         result = subprocess.run([sys.executable, "-m", "beit3.launch.ray.submit", "--address", dashboard,
-                                 "--config", str(config), "--wait", "--quiet", "--forward-aws-credentials"], env=submitter, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300)
+                                 "--config", str(config), "--wait", "--quiet", "--forward-aws-credentials"],
+                                env=submitter, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "submitted job raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout
 
