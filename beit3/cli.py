@@ -1,6 +1,7 @@
 """The `beit3` command: each subcommand is a thin layer over a function that tests call directly."""
 
 import argparse
+import os
 import sys
 
 from beit3.config import load_config
@@ -88,13 +89,22 @@ def data_build(args: argparse.Namespace) -> int:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from beit3.pretrain.train_config import load_pretrain_config
-    from beit3.pretrain.trainer import train as run_training
+    from beit3.pretrain.train_config import load_pretrain_config, split_batch
 
     config = load_pretrain_config(args.config)
+    # A batch that cannot divide fails here, before DeepSpeed starts; under a launcher the rank count is known.
+    split_batch(config.batch, int(os.environ.get("WORLD_SIZE", "1")))
+    from beit3.pretrain.trainer import train as run_training
+
     if args.run_dir:
         config = config.model_copy(update={"run_dir": args.run_dir})
-    result = run_training(config, require_resume=args.resume, stop_after_step=args.stop_after_step)
+    try:
+        result = run_training(config, require_resume=args.resume, stop_after_step=args.stop_after_step)
+    except ModuleNotFoundError as error:  # DeepSpeed falls back to MPI when no launcher set the rank variables
+        if error.name != "mpi4py":
+            raise
+        raise ValueError("no launcher set RANK, WORLD_SIZE and MASTER_ADDR: start training with torchrun or "
+                         "deepspeed (see configs/pretrain/tiny_cpu.yaml)") from None
     if result.mlflow_run_id:
         print(f"train: step {result.final_step} reached; run dir {result.run_dir}, MLflow run {result.mlflow_run_id}")
     return 0
@@ -220,12 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+"""How PyTorch's DataLoader marks an error raised in one of its worker processes."""
+
+
+def error_message(error: BaseException) -> str:
+    """The error in its own words. One raised in a data-loader worker (a damaged shard) reaches this process
+    with the worker's traceback inside its message; the error's own message ends that traceback."""
+    text = str(error)
+    if WORKER_TRACEBACK not in text:
+        return text
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    _, found, message = text.rpartition(f"\n{name}: ")
+    return message.strip() if found else text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, OSError) as error:  # config, file, storage and input errors say what is wrong
-        print(f"beit3 {args.command}: {error}", file=sys.stderr)
+        print(f"beit3 {args.command}: {error_message(error)}", file=sys.stderr)
         return 2
 
 

@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from beit3.tokenizers.visual import VisualTokenizerConfig
 
@@ -11,6 +11,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _storage_url(url: str) -> str:
+    """Data locations are local paths or s3:// URLs. Anything else (`pipe:`, `http://`) is refused while the config
+    is read, so no location is ever handed to a shell or another reader."""
+    if url.startswith("pipe:") or ("://" in url and not url.startswith("s3://")):
+        raise ValueError(f"{url!r} is not a local path or an s3:// URL")
+    return url
+
+
+StorageUrl = Annotated[str, AfterValidator(_storage_url)]
 SOURCE_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Letters, digits, - and _: it starts sample keys.")
 
 
@@ -19,7 +28,7 @@ class ImageNetSource(_Strict):
 
     kind: Literal["imagenet"]
     name: str = SOURCE_NAME
-    path: str = Field(description="Local folder or s3:// prefix.")
+    path: StorageUrl = Field(description="Local folder or s3:// prefix.")
 
 
 class TextSource(_Strict):
@@ -27,7 +36,7 @@ class TextSource(_Strict):
 
     kind: Literal["text"]
     name: str = SOURCE_NAME
-    paths: list[str] = Field(min_length=1, description="Files or folders, local or s3://; .gz and .zst allowed.")
+    paths: list[StorageUrl] = Field(min_length=1, description="Files or folders, local or s3://; .gz and .zst allowed.")
     text_field: str = "text"
     documents: Literal["line", "paragraph"] = "line"
 
@@ -38,7 +47,7 @@ class WebDatasetPairSource(_Strict):
 
     kind: Literal["pairs_webdataset"]
     name: str = SOURCE_NAME
-    path: str = Field(description="Folder or s3:// prefix of .tar files.")
+    path: StorageUrl = Field(description="Folder or s3:// prefix of .tar files.")
 
 
 class TablePairSource(_Strict):
@@ -46,8 +55,8 @@ class TablePairSource(_Strict):
 
     kind: Literal["pairs_table"]
     name: str = SOURCE_NAME
-    table: str = Field(description="The table file, local or s3://.")
-    images: str = Field(description="Folder or s3:// prefix the image paths are relative to.")
+    table: StorageUrl = Field(description="The table file, local or s3://.")
+    images: StorageUrl = Field(description="Folder or s3:// prefix the image paths are relative to.")
     image_column: str = "image"
     caption_column: str = "caption"
 
@@ -57,8 +66,8 @@ class CocoPairSource(_Strict):
 
     kind: Literal["coco"]
     name: str = SOURCE_NAME
-    annotations: str = Field(description="captions_*.json, local or s3://.")
-    images: str = Field(description="The image folder or s3:// prefix.")
+    annotations: StorageUrl = Field(description="captions_*.json, local or s3://.")
+    images: StorageUrl = Field(description="The image folder or s3:// prefix.")
 
 
 PAIR_SOURCES = (WebDatasetPairSource, TablePairSource, CocoPairSource)
@@ -99,7 +108,7 @@ class DataConfig(_Strict):
     """
 
     name: str
-    output: str = Field(description="Local folder or s3:// prefix for the shards and the manifest.")
+    output: StorageUrl = Field(description="Local folder or s3:// prefix for the shards and the manifest.")
     seed: int = 0
     samples_per_shard: int = Field(1000, gt=0, description="Images or pairs per shard.")
     shard_bytes: int = Field(2**30, gt=0, description="Shard files are closed before they exceed this many bytes "
@@ -113,7 +122,7 @@ class DataConfig(_Strict):
     visual_tokenizer: VisualTokenizerConfig | None = Field(
         VisualTokenizerConfig(kind="random"), description="None stores no codes (the trainer tokenizes on the fly)."
     )
-    text_tokenizer: str | None = Field(None, description="SentencePiece model; required by text sources.")
+    text_tokenizer: StorageUrl | None = Field(None, description="SentencePiece model; required by text sources.")
     text_len: int = Field(128, gt=2, description="Tokens per packed monomodal text segment.")
     text_segments_per_sample: int = Field(64, gt=0, description="Segments stored together per text tar entry.")
     caption_len: int = Field(64, gt=2, description="Longest caption in tokens; longer ones are truncated.")

@@ -8,6 +8,7 @@ import functools
 import gzip
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,24 +60,77 @@ class ShardWork:
         return counts
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> tuple[str, bool]:
+    """The text with every lone UTF-16 surrogate (a JSON escape such as `\\ud800`, or a file-name byte that
+    is not UTF-8) replaced by U+FFFD, and whether there was one: such strings cannot be written as UTF-8 or
+    tokenized."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return LONE_SURROGATE.sub("\ufffd", text), True
+
+
+def _provenance_json(fields: dict) -> bytes:
+    """A sample's provenance (source, file, member, caption, ...) as JSON, its strings made valid Unicode."""
+    return json_bytes({name: _valid_unicode(value)[0] if isinstance(value, str) else value
+                       for name, value in fields.items()})
+
+
 def _tar_members(source: str, root: str, name: str, work: ShardWork) -> dict[str, dict[str, bytes]]:
-    """Files of an input tar grouped by sample key (the name before the first dot): {key: {extension: bytes}}.
-    An unreadable or truncated tar is counted; members read before the damage are kept."""
+    """Files of an input tar grouped by sample key, WebDataset's way: the member's path up to the first dot of
+    its file name, {key: {extension as written: bytes}}. So `a/x.jpg` and `b/x.jpg` are two samples; a path
+    (`../`, a leading `/`) is only ever a key, never a place on disk.
+
+    Damage is counted, never fatal: a name seen again (its first file is kept), links and devices (not
+    followed), an unreadable tar, and a truncated or corrupt one, whose members before the damage are kept.
+    """
     try:
         archive = tarfile.open(fileobj=io.BytesIO(open_storage(root).read_bytes(name)))
-    except (StorageError, tarfile.TarError):
+    except (OSError, tarfile.TarError, EOFError):
         work.skip(source, "unreadable_tar")
         return {}
     members: dict[str, dict[str, bytes]] = {}
+    seen: set[str] = set()
     with archive:
         try:
             for member in archive:
-                if member.isfile():
-                    key, _, extension = member.name.rpartition("/")[2].partition(".")
-                    members.setdefault(key, {})[extension.lower()] = archive.extractfile(member).read()
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    work.skip(source, "not_a_regular_file")
+                    continue
+                if member.name in seen:
+                    work.skip(source, "duplicate_member")
+                    continue
+                seen.add(member.name)
+                folder, slash, file_name = member.name.rpartition("/")
+                stem, _, extension = file_name.partition(".")
+                members.setdefault(folder + slash + stem, {})[extension] = archive.extractfile(member).read()
+            damage = _damage_after_last_member(archive)
         except (tarfile.TarError, OSError, EOFError):
-            work.skip(source, "truncated_tar")
+            damage = "truncated_tar"
+    if damage:
+        work.skip(source, damage)
     return members
+
+
+def _damage_after_last_member(archive: tarfile.TarFile) -> str | None:
+    """Python's tarfile ends quietly at a header that is cut short or garbled, dropping every member after it;
+    a whole tar has its zero end block there, and nothing but zeros after that."""
+    archive.fileobj.seek(archive.offset)
+    end_block = archive.fileobj.read(tarfile.BLOCKSIZE)
+    if len(end_block) < tarfile.BLOCKSIZE:
+        return "truncated_tar"
+    if end_block.count(0) != tarfile.BLOCKSIZE:
+        return "corrupt_tar"
+    while rest := archive.fileobj.read(1 << 20):
+        if rest.count(0) != len(rest):
+            return "data_after_end_of_tar"
+    return None
 
 
 def _image_fields(
@@ -112,7 +166,7 @@ def _image_entries(items: tuple, work: ShardWork):
         (image_tar,) = items
         members = _tar_members(image_tar.source, image_tar.root, image_tar.name, work)
         images = sorted((key, data) for key, files in members.items() for extension, data in files.items()
-                        if f".{extension}".endswith(IMAGE_SUFFIXES))
+                        if f".{extension.lower()}".endswith(IMAGE_SUFFIXES))
         for position, (key, data) in enumerate(images):
             yield (image_tar.source, f"{image_tar.source}-{image_tar.index:06d}-{position:06d}",
                    (image_tar.index, position), data, {"file": image_tar.name, "member": key, "label": image_tar.label})
@@ -120,7 +174,7 @@ def _image_entries(items: tuple, work: ShardWork):
     for item in items:
         try:
             data = open_storage(item.root).read_bytes(item.name)
-        except StorageError:
+        except OSError:  # StorageError, or a file that cannot be read (permissions)
             work.skip(item.source, "unreadable")
             continue
         yield item.source, f"{item.source}-{item.index:09d}", (item.index,), data, {"file": item.name,
@@ -134,7 +188,7 @@ def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
         view_seed = sample_seed(config.seed, source, *position)
         fields = _image_fields(work, source, view_seed, data, f"{source}:{provenance['file']}", config)
         if fields is not None:
-            work.add(source, {"__key__": key, **fields, "json": json_bytes({"source": source, **provenance})})
+            work.add(source, {"__key__": key, **fields, "json": _provenance_json({"source": source, **provenance})})
     return work
 
 
@@ -154,7 +208,8 @@ def _pairs_of_tar(pair_tar: PairTar, work: ShardWork):
     """(source, key, seed position, image bytes, caption, provenance) per sample of a downloader-layout tar."""
     members = _tar_members(pair_tar.source, pair_tar.root, pair_tar.name, work)
     for position, key in enumerate(sorted(members)):
-        sample = members[key]
+        # Extensions match in any case; of `x.JPG` and `x.jpg` both in one tar, the exact lower-case one is used.
+        sample = {extension.lower(): data for extension, data in sorted(members[key].items())}
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
         if image is None:
             work.skip(pair_tar.source, "missing_image")
@@ -177,6 +232,9 @@ def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
     else:
         entries = _pairs_of_table(plan.items, work)
     for source, key, position, image, caption, provenance in entries:
+        caption, replaced = _valid_unicode(caption)
+        if replaced:
+            work.repaired[(source, "surrogates_replaced")] += 1
         ids = _caption_ids(work, source, caption, config)
         if ids is None:
             continue
@@ -186,19 +244,28 @@ def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
             work.add(source, {
                 "__key__": key, **fields,
                 "ids.npy": npy_bytes(np.asarray(ids, dtype=np.uint16)),
-                "json": json_bytes({"source": source, "caption": caption, **provenance}),
+                "json": _provenance_json({"source": source, "caption": caption, **provenance}),
             })
     return work
 
 
 def _pairs_of_table(items: tuple, work: ShardWork):
     """(source, key, seed position, image bytes, caption, provenance) per table or COCO row (a chunk may span
-    sources); missing images counted."""
+    sources); missing images, image paths no file can have (a NUL, a lone surrogate), unparsable rows and
+    repaired text are counted."""
     for item in items:
+        if item.skipped:
+            work.skip(item.source, item.skipped)
+            continue
+        if item.repaired:
+            work.repaired[(item.source, item.repaired)] += 1
         try:
             image = open_storage(item.root).read_bytes(item.name) if item.name else None
-        except StorageError:
+        except OSError:  # StorageError, a folder, a file that cannot be read
             image = None
+        except ValueError:
+            work.skip(item.source, "bad_image_path")
+            continue
         if image is None:
             work.skip(item.source, "missing_image")
             continue
@@ -274,10 +341,13 @@ def _json_documents(text: str, text_field: str, source: str, work: ShardWork) ->
         if not line or line.isspace():
             continue
         try:
-            document = " ".join(str(json.loads(line).get(text_field) or "").split())
+            document = " ".join(str(json.loads(line).get(text_field) or "").replace("\x00", "").split())
         except (json.JSONDecodeError, AttributeError):
             work.skip(source, "bad_json")
             continue
+        document, replaced = _valid_unicode(document)
+        if replaced:
+            work.repaired[(source, "surrogates_replaced")] += 1
         if document:
             documents.append(document)
         else:
@@ -364,7 +434,7 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
         work.add(text_file.source, {
             "__key__": f"{text_file.source}-{text_file.index:06d}-{block_index:06d}",
             "ids.npy": npy_bytes(block),
-            "json": json_bytes({"file": text_file.name, "source": text_file.source, "start_byte": text_file.start,
+            "json": _provenance_json({"file": text_file.name, "source": text_file.source, "start_byte": text_file.start,
                                 "first_segment": first, "segments": len(block)}),
         }, training_samples=len(block))
     return work

@@ -59,13 +59,17 @@ class TextFile:
 
 @dataclass(frozen=True)
 class PairItem:
-    """One image-text pair from a table or COCO annotations: the image at `name` under `root`."""
+    """One image-text pair from a table or COCO annotations: the image at `name` under `root`. A table row
+    that could not be parsed carries the reason it is skipped, one whose text needed repair the repair: both
+    are counted when its shard is built."""
 
     source: str
     root: str
     name: str
     caption: str
     index: int
+    skipped: str = ""
+    repaired: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,35 +136,66 @@ def _split_url(url: str) -> tuple[str, str]:
     return root or ".", name
 
 
-def _read_table(source: TablePairSource) -> list[tuple[object, object]]:
-    """(image path, caption) rows; a table without the configured columns is an error before any work."""
+def _decoded(data: bytes) -> tuple[str, bool]:
+    """The text, and whether invalid UTF-8 in it had to be replaced."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _json_rows(text: str, wanted: list[str]) -> tuple[list[str], list[tuple[object, object, str]]]:
+    """The columns and (image, caption, skip reason) rows of a JSON-lines table; a line that is not a JSON
+    object is a row skipped as bad_json. Lines end at newlines only: JSON strings may hold U+2028 and the like."""
+    columns, rows = set(), []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            rows.append((None, None, "bad_json"))
+            continue
+        columns.update(record)
+        rows.append((record.get(wanted[0]), record.get(wanted[1]), ""))
+    return sorted(columns), rows
+
+
+def _read_table(source: TablePairSource) -> list[tuple[object, object, str, str]]:
+    """(image path, caption, skip reason, repair) rows; a table without the configured columns is an error
+    before any work. Lines that are not JSON objects and text that is not UTF-8 are counted, not fatal."""
     root, name = _split_url(source.table)
     data = open_storage(root).read_bytes(name)
     wanted = [source.image_column, source.caption_column]
     if name.endswith(".parquet"):
         table = pyarrow.parquet.read_table(io.BytesIO(data))
         columns = table.column_names
-        rows = list(zip(*(table.column(c).to_pylist() for c in wanted))) if set(wanted) <= set(columns) else []
+        pairs = zip(*(table.column(c).to_pylist() for c in wanted)) if set(wanted) <= set(columns) else []
+        rows = [(image, caption, "") for image, caption in pairs]
+        replaced = False  # Arrow strings are valid UTF-8
     elif name.endswith(".jsonl"):
-        records = [json.loads(line) for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
-        columns = sorted({key for record in records for key in record})
-        rows = [(record.get(wanted[0]), record.get(wanted[1])) for record in records]
+        text, replaced = _decoded(data)
+        columns, rows = _json_rows(text, wanted)
     elif name.endswith(".tsv"):
-        reader = csv.DictReader(io.StringIO(data.decode("utf-8", errors="replace")), delimiter="\t")
+        text, replaced = _decoded(data)
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t")
         columns = reader.fieldnames or []
-        rows = [(record.get(wanted[0]), record.get(wanted[1])) for record in reader]
+        rows = [(record.get(wanted[0]), record.get(wanted[1]), "") for record in reader]
     else:
         raise ValueError(f"source {source.name}: {source.table} is not a .parquet, .jsonl or .tsv table")
     missing = [column for column in wanted if column not in columns]
     if missing:
         raise ValueError(f"source {source.name}: {source.table} has no column {', '.join(map(repr, missing))} "
                          f"(columns: {', '.join(map(str, columns))}); set image_column / caption_column")
-    return rows
+    return [(image, caption, skipped, "invalid_utf8_replaced" if replaced and "\ufffd" in f"{image}{caption}" else "")
+            for image, caption, skipped in rows]
 
 
 def list_pair_table(source: TablePairSource) -> list[PairItem]:
-    return [PairItem(source.name, source.images, str(image or ""), str(caption or ""), index)
-            for index, (image, caption) in enumerate(_read_table(source))]
+    return [PairItem(source.name, source.images, str(image or ""), str(caption or ""), index, skipped, repaired)
+            for index, (image, caption, skipped, repaired) in enumerate(_read_table(source))]
 
 
 def list_coco(source: CocoPairSource) -> list[PairItem]:

@@ -18,7 +18,10 @@ import io
 import json
 import logging
 import random
+import re
+import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,6 +42,11 @@ from beit3.tokenizers.text import PAD
 
 IMAGE_MEAN = IMAGE_STD = 0.5
 logger = logging.getLogger(__name__)
+SHARD_NAME = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9]{{6,}}(?:-[0-9]{{3}})?\.tar")
+"""The names `shard_name` gives; a manifest naming anything else (a path, a URL, a `pipe:` command) is refused."""
+SHA256 = re.compile(r"[0-9a-f]{64}")
+REQUIRED_FIELDS = {"image": {"jpg", "views.json"}, "pair": {"jpg", "views.json", "ids.npy"}, "text": {"ids.npy"}}
+"""What every sample of a shard of each kind holds (see beit3.data_pipeline.shards)."""
 
 
 class ShardDataError(ValueError):
@@ -99,13 +107,45 @@ class DatasetIndex:
     """Per dataset, the sha256 of its manifest's bytes (recorded by runs to detect a changed dataset)."""
 
 
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one shard entry of a manifest, if anything."""
+    if not isinstance(entry, dict):
+        return f"expected a shard entry, got {type(entry).__name__} {entry!r:.60}"
+    name, kind, samples, sha256 = (entry.get(field) for field in ("name", "kind", "samples", "sha256"))
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+        return f"name {name!r:.80} is not a shard file name such as image-000000.tar"
+    if kind not in KINDS or not name.startswith(f"{kind}-"):
+        return f"{name}: kind {kind!r:.40} does not match the name (expected one of {', '.join(KINDS)})"
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        return f"{name}: samples {samples!r:.40} is not a count"
+    if samples and not (isinstance(sha256, str) and SHA256.fullmatch(sha256)):
+        return f"{name}: sha256 {sha256!r:.80} is not a sha256 hex digest"
+    return None
+
+
+def _manifest_shards(dataset: str, manifest: object) -> list[dict]:
+    """The manifest's non-empty shard entries, every entry checked first: the names are plain shard file names,
+    so nothing a manifest says is ever used as a path outside the dataset, a URL or a command."""
+    entries = manifest.get("shards") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise ShardDataError(f"{dataset}: the manifest lists no shards (is this the output of `beit3 data build`?)")
+    for position, entry in enumerate(entries):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ShardDataError(f"{dataset}: manifest shard entry {position}: {problem}")
+    return [entry for entry in entries if entry["samples"] > 0]
+
+
 def index_datasets(datasets: list[str]) -> DatasetIndex:
-    """Each dataset's manifest read once and its storage listed once (one listing is many requests on S3)."""
+    """Each dataset's manifest read and checked once, and its storage listed once (one listing is many requests
+    on S3)."""
     shards: dict[str, list[ShardRef]] = {kind: [] for kind in KINDS}
     digests = {}
     for dataset in datasets:
+        if dataset.startswith("pipe:") or ("://" in dataset and not dataset.startswith("s3://")):
+            raise ShardDataError(f"{dataset}: a dataset is a local folder or an s3:// prefix")
         manifest, digests[dataset] = read_manifest(dataset)
-        listed = [entry for entry in manifest["shards"] if entry["samples"] > 0]
+        listed = _manifest_shards(dataset, manifest)
         stored = set(open_storage(dataset).list()) if listed else set()
         missing = [entry["name"] for entry in listed if entry["name"] not in stored]
         if missing:
@@ -127,6 +167,8 @@ def shards_for_worker(shards: list[ShardRef], seed: int, stream: str, epoch: int
 def read_shard_bytes(ref: ShardRef, attempts: int = 8, backoff_seconds: float = 1.0) -> bytes:
     """The shard's bytes, retried with exponential backoff (capped at a minute) through storage outages; after
     `attempts` the run fails naming the shard, so no shard is ever skipped."""
+    if not SHARD_NAME.fullmatch(ref.name):
+        raise ShardDataError(f"{ref.url}: {ref.name!r:.80} is not a shard file name such as image-000000.tar")
     for attempt in range(1, attempts + 1):
         try:
             return open_storage(ref.dataset).read_bytes(ref.name)
@@ -140,23 +182,59 @@ def read_shard_bytes(ref: ShardRef, attempts: int = 8, backoff_seconds: float = 
     raise AssertionError("unreachable")
 
 
+def _shard_entries(ref: ShardRef, data: bytes) -> list[dict]:
+    """The shard's tar entries grouped by key (as WebDataset reads them). A cut-short or damaged tar, a member
+    name twice or a key in two places is a ShardDataError naming the shard: the checks that matter with
+    verify_sha256 off, since tar readers stop quietly where a cut falls between members."""
+    if not data.endswith(bytes(2 * tarfile.BLOCKSIZE)):
+        raise ShardDataError(f"{ref.url}: truncated (it does not end with a tar's two zero blocks)")
+    try:
+        entries = list(group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": ref.url}])))
+    except (tarfile.TarError, EOFError) as error:
+        reason = str(error.args[0] if error.args else error).split(" @ ")[0]  # webdataset appends the stream
+        raise ShardDataError(f"{ref.url}: not a whole tar, truncated or damaged ({reason})") from None
+    except ValueError as error:  # webdataset's group_by_keys: a member name seen twice in a row
+        reason = str(error.args[0] if error.args else error).split(" dict_keys")[0]
+        raise ShardDataError(f"{ref.url}: duplicate member ({reason})") from None
+    twice = sorted(key for key, count in Counter(entry["__key__"] for entry in entries).items() if count > 1)
+    if twice:
+        raise ShardDataError(f"{ref.url}: duplicate sample key {twice[0]!r} (members of one sample in two places)")
+    return entries
+
+
+def _text_block(ref: ShardRef, entry: dict) -> np.ndarray:
+    """A text entry's [segments, text_len] block of ids."""
+    try:
+        block = np.load(io.BytesIO(entry["ids.npy"]), allow_pickle=False)
+    except ValueError as error:
+        raise ShardDataError(f"{ref.url}: {entry['__key__']}.ids.npy is not a readable array ({error})") from None
+    if block.ndim != 2:
+        raise ShardDataError(f"{ref.url}: {entry['__key__']}.ids.npy has shape {block.shape}, not [segments, length]")
+    return block
+
+
 def read_shard_samples(ref: ShardRef, verify_sha256: bool, attempts: int = 8,
                        backoff_seconds: float = 1.0) -> list[tuple[str, dict]]:
     """(key, fields) per training sample of one shard; a text entry's block gives one sample per segment."""
     data = read_shard_bytes(ref, attempts, backoff_seconds)
     if verify_sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
         raise ShardDataError(f"{ref.url}: sha256 differs from the manifest's (the shard was altered or truncated)")
-    entries = group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": ref.url}]))
+    kind = ref.name.partition("-")[0]
     samples = []
-    for entry in entries:
+    for entry in _shard_entries(ref, data):
         key = f"{ref.name}/{entry['__key__']}"
-        if "ids.npy" in entry and "jpg" not in entry:
-            block = np.load(io.BytesIO(entry["ids.npy"]), allow_pickle=False)
+        missing = REQUIRED_FIELDS[kind] - entry.keys()
+        if missing:
+            raise ShardDataError(f"{ref.url}: sample {entry['__key__']} has no {', '.join(sorted(missing))} (the "
+                                 "shard was truncated or altered)")
+        if kind == "text":
+            block = _text_block(ref, entry)
             samples += [(f"{key}/{row}", {"ids": block[row]}) for row in range(block.shape[0])]
         else:
             samples.append((key, entry))
     if len(samples) != ref.samples:
-        raise ShardDataError(f"{ref.url}: holds {len(samples)} samples, the manifest says {ref.samples}")
+        raise ShardDataError(f"{ref.url}: holds {len(samples)} samples, the manifest says {ref.samples} (the shard "
+                             "was truncated or altered)")
     return samples
 
 
