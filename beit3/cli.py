@@ -5,6 +5,7 @@ import os
 import sys
 
 from beit3.config import load_config
+from beit3.redaction import redact_urls
 
 
 def _format_count(count: int) -> str:
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ValueError, OSError) as error:  # config, file, storage and input errors say what is wrong
-        print(f"beit3 {args.command}: {error_message(error)}", file=sys.stderr)
+        print(f"beit3 {args.command}: {redact_urls(error_message(error))}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,7 @@ from beit3.pretrain.train_config import (
     split_batch,
 )
 from beit3.pretrain.trainer import RUN_STATE, ResumeError, preflight, resume_fingerprint
+from beit3.redaction import redact_urls, split_url_credentials
 from beit3.sample_data import tiny_recipe
 from conftest import REPO, model_config
 
@@ -156,3 +157,15 @@ def test_resume_refuses_changed_settings_data_or_world_size(tmp_path, training_d
 def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path, training_data):
     with pytest.raises(CheckpointError, match="--resume: no checkpoint"):
         preflight(_config(tmp_path / "run", training_data), world_size=2, require_resume=True)
+
+
+def test_a_password_in_the_tracking_uri_stays_out_of_saved_configs_and_messages(tmp_path, training_data):
+    """JSON dumps (config.yaml, MLflow params) show it as ***; the MLflow client gets it beside the URI."""
+    uri = "https://trainer:s3cr%40t-token@mlflow.example.org:5000/"
+    config = _config(tmp_path / "run", training_data, mlflow={"tracking_uri": uri})
+    assert config.mlflow.tracking_uri == uri
+    saved = config.model_dump(mode="json")["mlflow"]["tracking_uri"]
+    assert saved == "https://trainer:***@mlflow.example.org:5000/"
+    assert split_url_credentials(uri) == ("https://mlflow.example.org:5000/", "trainer", "s3cr@t-token")
+    assert split_url_credentials("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None, None)
+    assert redact_urls(f"cannot reach {uri}: refused") == f"cannot reach {saved}: refused"
