@@ -5,6 +5,7 @@ and an exact resume after SIGKILL of one rank."""
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -135,6 +136,19 @@ def test_resume_after_one_rank_is_killed_is_exact(reference_run, tmp_path):
     assert MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}").get_run(run_ids).info.status == "FINISHED"
 
 
+def _launch_and_plant_after_start(config: Path, plant) -> tuple[subprocess.Popen, list[str]]:
+    """Launch training and call `plant` once the run has started and before step 1: a run starts by removing
+    checkpoint folders newer than `latest`, which would take anything planted earlier with them."""
+    process = launch_training(config)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("train: "):
+            plant()
+            break
+    return process, lines
+
+
 def _blocked_opening_a_fifo(process: psutil.Process) -> bool:
     """The kernel's own word for a process waiting in open() for the other end of a named pipe."""
     try:
@@ -144,20 +158,19 @@ def _blocked_opening_a_fifo(process: psutil.Process) -> bool:
 
 
 def test_a_rank_killed_while_writing_a_checkpoint_never_makes_it_latest(reference_run, tmp_path):
-    """Rank 1's step-8 trainer state is made a named pipe once the run has started (a run first removes
-    checkpoint folders newer than `latest`), so rank 1 stops inside the checkpoint while rank 0 has written its
-    part. SIGKILL rank 1 there: `latest` stays at step 4; the resumed run removes the half-written checkpoint
-    and matches the uninterrupted run exactly."""
+    """Rank 1's step-8 trainer state is made a named pipe once the run has started, so rank 1 stops inside the
+    checkpoint while rank 0 has written its part. SIGKILL rank 1 there: `latest` stays at step 4; the resumed
+    run removes the half-written checkpoint and matches the uninterrupted run exactly."""
     run_dir = tmp_path / "run"
     recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "mlflow": {}}
     config = write_recipe(tmp_path / "recipe.yaml", recipe)
     half_written = run_dir / "checkpoints" / tag_for(8)
-    launcher = launch_training(config)
-    for line in launcher.stdout:
-        if line.startswith("train: "):  # printed after start-up, before step 1
-            half_written.mkdir(parents=True)
-            os.mkfifo(half_written / "trainer-rank-1.partial")
-            break
+
+    def plant_a_named_pipe():
+        half_written.mkdir(parents=True)
+        os.mkfifo(half_written / "trainer-rank-1.partial")
+
+    launcher, _ = _launch_and_plant_after_start(config, plant_a_named_pipe)
     threading.Thread(target=launcher.stdout.read, daemon=True).start()
     rank_1 = _rank_process(psutil.Process(launcher.pid), rank=1)
     deadline = time.monotonic() + 300
@@ -349,22 +362,26 @@ def test_export_gives_the_released_layout_and_verifies(reference_run, tmp_path, 
 
 def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_the_previous_one_resumes(training_data, tmp_path):
     """The step-8 checkpoint's first file is written to /dev/full (the kernel's always-full device, ENOSPC):
-    the run stops naming the checkpoint still usable, `latest` stays at step 4, and the run resumes from it."""
+    the run stops naming the checkpoint still usable, `latest` stays at step 4, and the run resumes from it,
+    removing the failed checkpoint's folder."""
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(run_dir, training_data, steps=8, log_every_steps=1,
                          checkpoint={"every_steps": 4, "keep_last": 3})
     config = write_recipe(tmp_path / "recipe.yaml", recipe)
     blocked = run_dir / "checkpoints" / tag_for(8) / "trainer-rank-0.partial"
-    blocked.parent.mkdir(parents=True)
-    blocked.symlink_to("/dev/full")
-    process = launch_training(config)
-    output, _ = process.communicate(timeout=600)
+
+    def point_at_the_full_device():
+        blocked.parent.mkdir(parents=True)
+        blocked.symlink_to("/dev/full")
+
+    process, lines = _launch_and_plant_after_start(config, point_at_the_full_device)
+    output = "".join(lines) + process.communicate(timeout=600)[0]
     assert process.returncode != 0
     assert f"could not write checkpoint {run_dir / 'checkpoints' / tag_for(8)}" in output
     assert "No space left on device" in output
     assert f"the latest complete checkpoint is still {tag_for(4)}" in output
     assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(4)
-    blocked.unlink()
     resumed = run_training(config, "--resume")
+    assert f"removed {blocked.parent}, a checkpoint a crash left incomplete" in resumed
     assert f"resumed from {tag_for(4)}" in resumed
     assert [entry["step"] for entry in metrics(run_dir)] == list(range(1, 9))
