@@ -148,6 +148,34 @@ def test_deepspeed_script_launches_over_ssh_from_the_hostfile(tmp_path):
     assert command[command.index("--module"):] == ["--module", "beit3.cli", "train", "--config", "recipe.yaml"]
 
 
+def test_deepspeed_script_keeps_secrets_out_of_the_nodes_environment_and_the_log(tmp_path):
+    """Under a stand-in `deepspeed` that prints the env file it is handed and a log line like its runner's ssh
+    command (which carries every forwarded value): the AWS endpoint travels, the AWS keys do not, and the
+    MLflow token the runner forwards by itself is masked in the log."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "deepspeed").write_text(
+        '#!/usr/bin/env bash\ncat "$DS_ENV_FILE"\n'
+        'echo "cmd = pdsh -w node-0 export MLFLOW_TRACKING_TOKEN=$MLFLOW_TRACKING_TOKEN; cd /x; python -u"\n'
+        'echo "export NCCL_DEBUG=INFO; export MLFLOW_TRACKING_PASSWORD=$MLFLOW_TRACKING_PASSWORD;" >&2\n')
+    (fake_bin / "deepspeed").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    shutil.copy(LAUNCH / "deepspeed" / "hostfile.example", hostfile)
+    secrets_set = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEY7QM2PLX4Z", "AWS_SECRET_ACCESS_KEY": "fake-aws-secret-Jr5Wq8Zt",
+                   "AWS_SESSION_TOKEN": "fake-aws-session-Hn3Vb6Ks", "MLFLOW_TRACKING_TOKEN": "fake-token-Cx9Dm1Lp",
+                   "MLFLOW_TRACKING_PASSWORD": "fake-password-Pq4Rt7Ya"}
+    environment = launch_environment(CONFIG="recipe.yaml", HOSTFILE=str(hostfile), AWS_ENDPOINT_URL="http://s3.local",
+                                     **secrets_set)
+    environment["PATH"] = f"{fake_bin}{os.pathsep}{environment['PATH']}"
+    result = subprocess.run(["bash", str(LAUNCH / "deepspeed" / "train.sh")], env=environment, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "AWS_ENDPOINT_URL=http://s3.local" in result.stdout
+    assert "export MLFLOW_TRACKING_TOKEN=***;" in result.stdout
+    assert "export NCCL_DEBUG=INFO; export MLFLOW_TRACKING_PASSWORD=***;" in result.stderr
+    assert [secret for secret in secrets_set.values() if secret in result.stdout + result.stderr] == []
+
+
 def test_sbatch_script_starts_torchrun_on_the_allocation(tmp_path):
     """The batch script under stand-ins for SLURM's scontrol and srun (one node, so srun runs the step once)."""
     scheduler = tmp_path / "slurm-bin"

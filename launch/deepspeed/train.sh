@@ -31,8 +31,10 @@ if [[ -n "${MASTER_ADDR:-}" ]]; then
 fi
 
 # Over ssh the runner forwards only NCCL_*, PYTHON*, MLFLOW*, UCX_* and MV2_* variables, plus the lines of the
-# .deepspeed_env files it finds (or of DS_ENV_FILE); the AWS_* variables (S3 shards) travel in an env file of this
-# launch that also holds those files' lines.
+# .deepspeed_env files it finds (or of DS_ENV_FILE); the AWS_* settings (S3 shards) travel in an env file of this
+# launch that also holds those files' lines. AWS keys stay out of it: the runner puts every forwarded value on
+# the nodes' command lines and in its log, so the nodes need credentials of their own (an instance role, or a
+# profile in a shared ~/.aws).
 env_file=$(mktemp)
 trap 'rm -f "$env_file"' EXIT
 for existing in "$HOME/.deepspeed_env" .deepspeed_env; do
@@ -40,7 +42,7 @@ for existing in "$HOME/.deepspeed_env" .deepspeed_env; do
         cat "$existing" >> "$env_file"
     fi
 done
-env | grep '^AWS_' >> "$env_file" || true
+env | grep '^AWS_' | grep -Ev '^AWS_(ACCESS_KEY_ID|SECRET_ACCESS_KEY|SESSION_TOKEN|SECURITY_TOKEN)=' >> "$env_file" || true
 
 # --no_local_rank: the trainer reads LOCAL_RANK from the environment and takes no --local_rank argument.
 command=(deepspeed --hostfile "$HOSTFILE" "${placement[@]}" --master_port "${MASTER_PORT:-29500}"
@@ -50,4 +52,6 @@ if [[ -n "${DRY_RUN:-}" ]]; then
     echo
     exit 0
 fi
-DS_ENV_FILE=$env_file "${command[@]}"
+# The runner logs its ssh command with the forwarded values (MLFLOW_TRACKING_TOKEN among them): mask secrets.
+mask='s/(export [A-Za-z0-9_]*(TOKEN|SECRET|PASSWORD|ACCESS_KEY)[A-Za-z0-9_]*)=[^; ]*/\1=***/g'
+DS_ENV_FILE=$env_file "${command[@]}" > >(sed -uE "$mask") 2> >(sed -uE "$mask" >&2)
