@@ -6,20 +6,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from beit3.tokenizers.visual import VisualTokenizerConfig
 
+from .storage import check_location
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _storage_url(url: str) -> str:
-    """Data locations are local paths or s3:// URLs. Anything else (`pipe:`, `http://`) is refused while the config
-    is read, so no location is ever handed to a shell or another reader."""
-    if url.startswith("pipe:") or ("://" in url and not url.startswith("s3://")):
-        raise ValueError(f"{url!r} is not a local path or an s3:// URL")
-    return url
-
-
-StorageUrl = Annotated[str, AfterValidator(_storage_url)]
+StorageUrl = Annotated[str, AfterValidator(check_location)]
+"""A data location, checked while the config is read."""
 SOURCE_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Letters, digits, - and _: it starts sample keys.")
 
 

@@ -28,6 +28,18 @@ class StorageError(OSError):
     """A storage operation that failed for a reason the caller should report (missing object, no access)."""
 
 
+class UnsupportedLocation(StorageError, ValueError):
+    """A location that is neither a local path nor an s3:// URL (a ValueError too, so config schemas report it)."""
+
+
+def check_location(url: str) -> str:
+    """A local path or an s3:// URL, returned as is. Anything else (`pipe:`, `http://`) is refused, so no location
+    from a config or a manifest is ever handed to a shell or another reader."""
+    if url.startswith("pipe:") or ("://" in url and not url.startswith("s3://")):
+        raise UnsupportedLocation(f"{url!r} is not a local path or an s3:// URL")
+    return url
+
+
 class Storage(Protocol):
     """The three things the pipeline and the trainer need from storage, plus names for messages."""
 
@@ -176,9 +188,7 @@ def open_storage(url: str | Path) -> Storage:
         if not bucket:
             raise StorageError(f"{text}: no bucket named")
         return S3Storage(bucket, prefix)
-    if "://" in text:
-        raise StorageError(f"{text}: only local paths and s3:// URLs are supported")
-    return LocalStorage(text)
+    return LocalStorage(check_location(text))
 
 
 @functools.lru_cache(maxsize=8)

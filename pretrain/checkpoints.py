@@ -104,14 +104,18 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return tag
 
 
+def _tags(checkpoint_dir: Path) -> list[str]:
+    """Every checkpoint folder's tag, oldest first (tags sort by step)."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+
+
 def remove_incomplete(checkpoint_dir: Path) -> list[str]:
     """Remove checkpoint folders newer than `latest` (all of them when there is none): a crash cut them short,
     since `latest` moves only once every rank has written. A later save then starts from an empty folder."""
     current = latest_tag(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        return []
-    removed = sorted(p.name for p in checkpoint_dir.iterdir()
-                     if p.is_dir() and p.name.startswith(TAG_PREFIX) and (current is None or p.name > current))
+    removed = [tag for tag in _tags(checkpoint_dir) if current is None or tag > current]
     for tag in removed:
         shutil.rmtree(checkpoint_dir / tag)
     return removed
@@ -134,9 +138,8 @@ def refuse_untrusted_pickles(folder: Path) -> None:
 
 def prune(checkpoint_dir: Path, keep_last: int) -> list[str]:
     """Delete all but the newest `keep_last` checkpoints (never the one `latest` names); returns the removed tags."""
-    tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
     current = latest_tag(checkpoint_dir)
-    removed = [tag for tag in tags[:-keep_last] if tag != current]
+    removed = [tag for tag in _tags(checkpoint_dir)[:-keep_last] if tag != current]
     for tag in removed:
         shutil.rmtree(checkpoint_dir / tag)
     return removed

@@ -142,8 +142,6 @@ def index_datasets(datasets: list[str]) -> DatasetIndex:
     shards: dict[str, list[ShardRef]] = {kind: [] for kind in KINDS}
     digests = {}
     for dataset in datasets:
-        if dataset.startswith("pipe:") or ("://" in dataset and not dataset.startswith("s3://")):
-            raise ShardDataError(f"{dataset}: a dataset is a local folder or an s3:// prefix")
         manifest, digests[dataset] = read_manifest(dataset)
         listed = _manifest_shards(dataset, manifest)
         stored = set(open_storage(dataset).list()) if listed else set()

@@ -90,14 +90,14 @@ class CheckpointSettings(_Strict):
 
 class MlflowSettings(_Strict):
     tracking_uri: str | None = Field(None, description="Default: MLFLOW_TRACKING_URI, else SQLite in the run dir.")
+    experiment: str = "beit3-pretrain"
+    log_system_metrics: bool = True
+    system_metrics_interval_seconds: float = Field(10.0, gt=0, description="How often CPU/GPU/memory are sampled.")
 
     @field_serializer("tracking_uri", when_used="json")
     def _without_password(self, uri: str | None) -> str | None:
         """Saved configs and MLflow params are JSON dumps: they never carry a password written into the URI."""
         return redact_urls(uri) if uri else uri
-    experiment: str = "beit3-pretrain"
-    log_system_metrics: bool = True
-    system_metrics_interval_seconds: float = Field(10.0, gt=0, description="How often CPU/GPU/memory are sampled.")
 
 
 class PretrainConfig(_Strict):

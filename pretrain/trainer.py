@@ -291,7 +291,7 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
             print(f"train: removed {checkpoint_dir / removed}, a checkpoint a crash left incomplete", flush=True)
     state, load_dir, ds_config = None, checkpoint_dir, deepspeed_config(config, split)
     if tag is not None:
-        refuse_untrusted_pickles(checkpoint_dir / tag)
+        _scan_once_for_every_rank(checkpoint_dir / tag, rank, device)
         state = load_trainer_state(checkpoint_dir, tag, rank)
         if (state["zero_stage"] == 3) != (config.zero.stage == 3):
             if rank == 0:
@@ -388,6 +388,20 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     finally:
         sink.close(status)
     return TrainResult(run_dir, step, resumed_from, sink.run_id)
+
+
+def _scan_once_for_every_rank(folder: Path, rank: int, device: torch.device) -> None:
+    """Rank 0 scans the checkpoint's pickles (one pass over the files for the whole job, not one per rank) and
+    hands every rank its verdict before any of them lets DeepSpeed unpickle a file."""
+    refused, reason = torch.zeros(1, device=device), f"{folder}: refused by rank 0's scan (rank 0 names the file)"
+    if rank == 0:
+        try:
+            refuse_untrusted_pickles(folder)
+        except CheckpointError as error:
+            refused, reason = refused + 1, str(error)
+    dist.broadcast(refused, src=0)
+    if refused.item():
+        raise CheckpointError(reason)
 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, positions: dict[str, int],

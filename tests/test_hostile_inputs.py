@@ -35,6 +35,7 @@ from beit3.data_pipeline.job import build
 from beit3.data_pipeline.processing import prepare_images
 from beit3.data_pipeline.shards import tar_bytes
 from beit3.data_pipeline.sources import ImageTar, ShardPlan
+from beit3.data_pipeline.storage import StorageError
 from beit3.pretrain.shard_streams import (
     MicroBatchStream,
     ShardDataError,
@@ -389,7 +390,7 @@ def test_pipe_urls_from_configs_never_run_a_command(tmp_path, image_config):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", {"shards": f"pipe:touch {marker}",
                                                                      "spm": "unused.model"})))
-    with pytest.raises(ShardDataError, match=re.escape(f"pipe:touch {marker}: a dataset is a local folder or an s3")):
+    with pytest.raises(StorageError, match=re.escape(f"'pipe:touch {marker}' is not a local path or an s3:// URL")):
         preflight(load_pretrain_config(recipe), world_size=1)
     raw = image_config.model_dump(mode="json")
     raw["sources"][0]["path"] = f"pipe:touch {marker}"

@@ -64,8 +64,10 @@ def test_names_cannot_escape_the_root(tmp_path):
 
 
 def test_unsupported_urls_are_refused():
-    with pytest.raises(StorageError, match="only local paths and s3://"):
+    with pytest.raises(StorageError, match="is not a local path or an s3:// URL"):
         open_storage("gs://bucket/x")
+    with pytest.raises(StorageError, match="is not a local path or an s3:// URL"):
+        open_storage("pipe:cat /etc/passwd")
     with pytest.raises(StorageError, match="no bucket"):
         open_storage("s3:///x")
 
