@@ -23,6 +23,7 @@ import matplotlib
 import yaml
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from beit3.config import read_config_mapping
 from beit3.tokenizers.text_training import train_text_tokenizer
 
 TINY_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -146,7 +147,7 @@ def build_sample_dataset(root: Path, quiet: bool = True) -> dict:
 
 def tiny_recipe(run_dir: Path, data: dict, **overrides) -> dict:
     """configs/pretrain/tiny_cpu.yaml on a built sample dataset, with fields overridden (nested dicts merge)."""
-    recipe = yaml.safe_load(TINY_RECIPE.read_text())
+    recipe = read_config_mapping(TINY_RECIPE)
     recipe["model"] = str(TINY_RECIPE.parent / recipe["model"])
     recipe["run_dir"] = str(run_dir)
     recipe["data"].update(datasets=[str(data["shards"])], text_tokenizer=str(data["spm"]))

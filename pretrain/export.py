@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
 
-from beit3.pretrain.checkpoints import CheckpointError, latest_tag, refuse_untrusted_pickles
+from beit3.config import read_config_mapping
+from beit3.pretrain.checkpoints import (
+    CheckpointError,
+    completeness_problem,
+    find_resume_point,
+    refuse_untrusted_pickles,
+)
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.model_config import ModelConfig
 from beit3.pretrain.released_format import from_released, to_released, unwrap_checkpoint
@@ -39,17 +44,20 @@ def run_model_config(run_dir: Path) -> ModelConfig:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         raise CheckpointError(f"{run_dir}: no config.yaml (is this a `beit3 train` run directory?)")
-    return ModelConfig.model_validate(yaml.safe_load(saved.read_text())["model"])
+    return ModelConfig.model_validate(read_config_mapping(saved)["model"])
 
 
 def consolidate(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """fp32 weights of one checkpoint (default: the latest) with every ZeRO partition merged."""
     checkpoint_dir = run_dir / "checkpoints"
-    tag = tag or latest_tag(checkpoint_dir)
+    tag = tag or find_resume_point(checkpoint_dir).tag
     if tag is None:
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint to export")
     if not (checkpoint_dir / tag).is_dir():
         raise CheckpointError(f"{checkpoint_dir / tag}: no such checkpoint")
+    problem = completeness_problem(checkpoint_dir / tag)
+    if problem:
+        raise CheckpointError(f"{checkpoint_dir / tag}: not a whole checkpoint ({problem})")
     refuse_untrusted_pickles(checkpoint_dir / tag)
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag), tag
 
@@ -136,7 +144,7 @@ def log_export_to_mlflow(run_dir: Path, output_dir: Path) -> str:
     id_file = run_dir / RUN_ID_FILE
     if not id_file.exists():
         raise CheckpointError(f"{run_dir}: no MLflow run recorded ({RUN_ID_FILE} is missing)")
-    configured = yaml.safe_load((run_dir / "config.yaml").read_text()).get("mlflow", {}).get("tracking_uri")
+    configured = read_config_mapping(run_dir / "config.yaml").get("mlflow", {}).get("tracking_uri")
     run_id = id_file.read_text().strip()
     MlflowClient(tracking_uri(configured, run_dir)).log_artifacts(run_id, str(output_dir), artifact_path="export")
     return run_id

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-from beit3.config import ConfigError, load_config, validate_config
+from beit3.config import ConfigError, read_config_mapping, validate_config
 from beit3.pretrain.model_config import ModelConfig
 from beit3.redaction import redact_urls
 from beit3.tokenizers.visual import VisualTokenizerConfig
@@ -177,22 +176,21 @@ def deepspeed_config(config: PretrainConfig, split: BatchSplit) -> dict:
 
 
 def load_pretrain_config(path: str | Path) -> PretrainConfig:
-    """Read a pretrain YAML; `model` may be inline or the path of a model YAML (relative to this file)."""
+    """Read a pretrain YAML; `model` may be inline or the path of a model YAML (relative to this file).
+    Unknown top-level fields are refused before anything is copied or merged."""
     path = Path(path)
-    raw = load_config(_RawPretrain, path).model_dump()
+    raw = read_config_mapping(path)
+    unknown = sorted(str(key) for key in set(raw) - set(PretrainConfig.model_fields) - {"model_overrides"})
+    if unknown:
+        raise ConfigError(f"{path}: invalid config\n" +
+                          "\n".join(f"  {key}: unknown field (check its spelling)" for key in unknown))
+    model_overrides = raw.pop("model_overrides", None) or {}
+    if not isinstance(model_overrides, dict):
+        raise ConfigError(f"{path}: model_overrides: expected a mapping of model fields")
     model = raw.get("model")
     if isinstance(model, str):
         model_path = (path.parent / model) if not Path(model).is_absolute() else Path(model)
         if not model_path.exists():
             raise ConfigError(f"{path}: model: model config {model} not found (looked at {model_path})")
-        raw["model"] = yaml.safe_load(model_path.read_text(encoding="utf-8"))
-        raw["model"].update(raw.pop("model_overrides", None) or {})
-    else:
-        raw.pop("model_overrides", None)
+        raw["model"] = {**read_config_mapping(model_path), **model_overrides}
     return validate_config(PretrainConfig, raw, str(path))
-
-
-class _RawPretrain(BaseModel):
-    """The YAML before `model` is resolved: anything goes, PretrainConfig validates it afterwards."""
-
-    model_config = ConfigDict(extra="allow")

@@ -25,16 +25,20 @@ from beit3.data_pipeline.storage import local_copy
 from beit3.pretrain.checkpoints import (
     UNIVERSAL,
     CheckpointError,
+    ResumePoint,
     convert_to_universal,
-    latest_tag,
+    find_resume_point,
+    latest_whole,
     load_trainer_state,
+    mark_complete,
     mark_latest,
     prune,
     refuse_untrusted_pickles,
-    remove_incomplete,
     restore_rng_states,
     rng_states,
     save_trainer_state,
+    set_aside,
+    sync_folder,
     tag_for,
 )
 from beit3.pretrain.masking import sample_seed
@@ -239,7 +243,7 @@ class Preflight:
     shards: dict[str, list]
     manifests: dict[str, str]
     fingerprint: dict
-    tag: str | None
+    resume_point: ResumePoint
     text_tokenizer: TextTokenizer
 
 
@@ -255,20 +259,20 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
                               f"there are no {stream} shards in {', '.join(config.data.datasets)}")
     run_dir = Path(config.run_dir)
     fingerprint = resume_fingerprint(config, world_size)
-    existing = latest_tag(run_dir / "checkpoints")
-    if existing and config.resume == "never" and not require_resume:
-        raise CheckpointError(f"run_dir: {run_dir} already holds checkpoints (latest {existing}) and resume is "
+    found = find_resume_point(run_dir / "checkpoints")
+    if found.tag and config.resume == "never" and not require_resume:
+        raise CheckpointError(f"run_dir: {run_dir} already holds checkpoints (latest {found.tag}) and resume is "
                               "never; use a new run_dir, or resume: auto")
-    tag = existing if (config.resume == "auto" or require_resume) else None
-    if require_resume and tag is None:
+    resume_point = found if (config.resume == "auto" or require_resume) else ResumePoint(None)
+    if require_resume and resume_point.tag is None:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if tag is not None:
+    if resume_point.tag is not None:
         check_resume(json.loads((run_dir / RUN_STATE).read_text()), fingerprint, manifests)
     text_tokenizer = TextTokenizer(local_copy(config.data.text_tokenizer))
     if text_tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the text tokenizer's "
                           f"vocabulary ({text_tokenizer.vocab_size})")
-    return Preflight(split, shards, manifests, fingerprint, tag, text_tokenizer)
+    return Preflight(split, shards, manifests, fingerprint, resume_point, text_tokenizer)
 
 
 def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None) -> TrainResult:
@@ -278,7 +282,8 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     checked = preflight(config, world_size, require_resume)
-    split, shards, tag, text_tokenizer = checked.split, checked.shards, checked.tag, checked.text_tokenizer
+    split, shards, text_tokenizer = checked.split, checked.shards, checked.text_tokenizer
+    tag = checked.resume_point.tag
     run_dir = Path(config.run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     visual_tokenizer = None
@@ -286,9 +291,9 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
         visual_tokenizer, _ = build_visual_tokenizer(config.data.visual_tokenizer)
         visual_tokenizer = visual_tokenizer.to(device).eval()
 
+    dist.barrier()  # every rank has chosen its checkpoint before rank 0 moves folders or repairs `latest`
     if rank == 0:
-        for removed in remove_incomplete(checkpoint_dir):
-            print(f"train: removed {checkpoint_dir / removed}, a checkpoint a crash left incomplete", flush=True)
+        _settle_checkpoints(checkpoint_dir, checked.resume_point)
     state, load_dir, ds_config = None, checkpoint_dir, deepspeed_config(config, split)
     if tag is not None:
         _scan_once_for_every_rank(checkpoint_dir / tag, rank, device)
@@ -390,6 +395,18 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     return TrainResult(run_dir, step, resumed_from, sink.run_id)
 
 
+def _settle_checkpoints(checkpoint_dir: Path, resume_point: ResumePoint) -> None:
+    """Before a run saves anything: move aside the folders newer than its checkpoint (a save a crash cut short,
+    or one `latest` no longer names), and point a passed-over `latest` at the checkpoint resumed from."""
+    for tag, moved in zip(resume_point.newer, set_aside(checkpoint_dir, resume_point.newer)):
+        print(f"train: moved {checkpoint_dir / tag} aside to {moved}: it is newer than the checkpoint this run "
+              "continues from", flush=True)
+    if resume_point.latest_problem:
+        print(f"train: {resume_point.latest_problem}; continuing from {resume_point.tag}, the newest checkpoint "
+              "whose completion marker proves it whole", flush=True)
+        mark_latest(checkpoint_dir, resume_point.tag)
+
+
 def _scan_once_for_every_rank(folder: Path, rank: int, device: torch.device) -> None:
     """Rank 0 scans the checkpoint's pickles (one pass over the files for the whole job, not one per rank) and
     hands every rank its verdict before any of them lets DeepSpeed unpickle a file."""
@@ -406,7 +423,8 @@ def _scan_once_for_every_rank(folder: Path, rank: int, device: torch.device) -> 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, positions: dict[str, int],
                     zero_stage: int, keep_last: int) -> None:
-    """Every rank writes its part, then, once all have, rank 0 points `latest` at it and prunes old ones."""
+    """Every rank writes and fsyncs its part; once all have, rank 0 marks the checkpoint complete, points
+    `latest` at it and prunes old ones."""
     tag = tag_for(step)
     try:
         save_trainer_state(checkpoint_dir, tag, rank, {"step": step, "data_positions": dict(positions),
@@ -416,9 +434,11 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, rank: int, position
         free = shutil.disk_usage(checkpoint_dir).free / 2**30
         raise CheckpointError(f"rank {rank} could not write checkpoint {checkpoint_dir / tag} ({error}; "
                               f"{free:.1f} GiB free there); the latest complete checkpoint is still "
-                              f"{latest_tag(checkpoint_dir)}") from error
+                              f"{latest_whole(checkpoint_dir)}") from error
+    sync_folder(checkpoint_dir / tag)
     dist.barrier()
     if rank == 0:
+        mark_complete(checkpoint_dir, tag, dist.get_world_size())
         mark_latest(checkpoint_dir, tag)
-        prune(checkpoint_dir, keep_last)
+        prune(checkpoint_dir, keep_last, current=tag)
     dist.barrier()

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from beit3.pretrain.checkpoints import CheckpointError, mark_latest, tag_for
+from beit3.pretrain.checkpoints import COMPLETE, LATEST, SET_ASIDE, CheckpointError, mark_latest, tag_for
 from beit3.pretrain.export import export_checkpoint, log_export_to_mlflow, run_model_config, verify_export
 from beit3.pretrain.released_format import from_released
 from s3_endpoint import CREDENTIALS, free_port
@@ -137,8 +137,8 @@ def test_resume_after_one_rank_is_killed_is_exact(reference_run, tmp_path):
 
 
 def _launch_and_plant_after_start(config: Path, plant) -> tuple[subprocess.Popen, list[str]]:
-    """Launch training and call `plant` once the run has started and before step 1: a run starts by removing
-    checkpoint folders newer than `latest`, which would take anything planted earlier with them."""
+    """Launch training and call `plant` once the run has started and before step 1: a run starts by moving
+    checkpoint folders newer than the one it continues from aside, which would take anything planted earlier."""
     process = launch_training(config)
     lines = []
     for line in process.stdout:
@@ -159,8 +159,9 @@ def _blocked_opening_a_fifo(process: psutil.Process) -> bool:
 
 def test_a_rank_killed_while_writing_a_checkpoint_never_makes_it_latest(reference_run, tmp_path):
     """Rank 1's step-8 trainer state is made a named pipe once the run has started, so rank 1 stops inside the
-    checkpoint while rank 0 has written its part. SIGKILL rank 1 there: `latest` stays at step 4; the resumed
-    run removes the half-written checkpoint and matches the uninterrupted run exactly."""
+    checkpoint while rank 0 has written its part. SIGKILL rank 1 there: `latest` stays at step 4 and step 8 has
+    no completion marker; the resumed run moves the half-written checkpoint aside, keeping rank 0's part, and
+    matches the uninterrupted run exactly."""
     run_dir = tmp_path / "run"
     recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "mlflow": {}}
     config = write_recipe(tmp_path / "recipe.yaml", recipe)
@@ -181,14 +182,57 @@ def test_a_rank_killed_while_writing_a_checkpoint_never_makes_it_latest(referenc
     launcher.wait(timeout=300)
     assert launcher.returncode != 0
     assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(4)
-    assert not (half_written / "trainer-rank-1.pt").exists()
+    assert not (half_written / "trainer-rank-1.pt").exists() and not (half_written / COMPLETE).exists()
 
     output = run_training(config, "--resume")
-    assert f"removed {half_written}, a checkpoint a crash left incomplete" in output
+    set_aside = run_dir / "checkpoints" / SET_ASIDE / tag_for(8)
+    assert f"moved {half_written} aside to {set_aside}" in output
+    assert (set_aside / "trainer-rank-0.pt").exists()
     assert f"resumed from {tag_for(4)}" in output
     for ours, theirs in zip(metrics(run_dir), metrics(reference_run["run_dir"]), strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6), ours["step"]
     assert samples_seen(run_dir) == samples_seen(reference_run["run_dir"])
+
+
+@pytest.mark.parametrize("latest", ["empty", "garbage", "missing"])
+def test_an_unusable_latest_loses_no_checkpoint_and_the_resume_is_exact(reference_run, tmp_path, latest):
+    """A crash that empties, garbles or loses `latest` while the step-12 save is cut short (its completion marker
+    never written): the run continues from step 8, the newest checkpoint whose marker proves it whole, says why,
+    keeps step 12's bytes aside, and reproduces steps 9-12 of the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run["run_dir"], run_dir)
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / tag_for(12) / COMPLETE).unlink()
+    cut_short = sorted(p.name for p in (checkpoints / tag_for(12)).iterdir())
+    {"empty": lambda: (checkpoints / LATEST).write_text(""),
+     "garbage": lambda: (checkpoints / LATEST).write_bytes(b"\x00\x17 not a tag"),
+     "missing": lambda: (checkpoints / LATEST).unlink()}[latest]()
+    recipe = {**reference_run["recipe"], "run_dir": str(run_dir),
+              "mlflow": {"tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}"}}
+    (run_dir / "mlflow_run_id").unlink()
+    output = run_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    assert f"continuing from {tag_for(8)}, the newest checkpoint whose completion marker proves it whole" in output
+    assert f"resumed from {tag_for(8)}" in output
+    assert sorted(p.name for p in (checkpoints / SET_ASIDE / tag_for(12)).iterdir()) == cut_short
+    assert (checkpoints / LATEST).read_text() == tag_for(12)
+    for ours, theirs in zip(metrics(run_dir), metrics(reference_run["run_dir"]), strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6), ours["step"]
+
+
+def test_no_whole_checkpoint_fails_in_one_line_and_removes_nothing(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run["run_dir"], run_dir)
+    checkpoints = run_dir / "checkpoints"
+    for tag in (tag_for(8), tag_for(12)):
+        (checkpoints / tag / COMPLETE).unlink()
+    (checkpoints / LATEST).write_text("")
+    before = sorted(str(p.relative_to(run_dir)) for p in checkpoints.rglob("*"))
+    recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "mlflow": {}}
+    process = launch_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert f"beit3 train: {checkpoints}: no checkpoint is proven whole ({checkpoints / LATEST} is empty" in output
+    assert sorted(str(p.relative_to(run_dir)) for p in checkpoints.rglob("*")) == before
 
 
 class _PlantedCode:
@@ -363,7 +407,7 @@ def test_export_gives_the_released_layout_and_verifies(reference_run, tmp_path, 
 def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_the_previous_one_resumes(training_data, tmp_path):
     """The step-8 checkpoint's first file is written to /dev/full (the kernel's always-full device, ENOSPC):
     the run stops naming the checkpoint still usable, `latest` stays at step 4, and the run resumes from it,
-    removing the failed checkpoint's folder."""
+    moving the failed checkpoint's folder aside."""
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(run_dir, training_data, steps=8, log_every_steps=1,
                          checkpoint={"every_steps": 4, "keep_last": 3})
@@ -382,6 +426,6 @@ def test_a_full_disk_during_a_checkpoint_is_a_clear_error_and_the_previous_one_r
     assert f"the latest complete checkpoint is still {tag_for(4)}" in output
     assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(4)
     resumed = run_training(config, "--resume")
-    assert f"removed {blocked.parent}, a checkpoint a crash left incomplete" in resumed
+    assert f"moved {blocked.parent} aside" in resumed
     assert f"resumed from {tag_for(4)}" in resumed
     assert [entry["step"] for entry in metrics(run_dir)] == list(range(1, 9))

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from beit3.config import ConfigError, validate_config
-from beit3.pretrain.checkpoints import CheckpointError, mark_latest
+from beit3.pretrain.checkpoints import CheckpointError, mark_complete, mark_latest, save_trainer_state
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.optimization import learning_rate, parameter_groups
 from beit3.pretrain.shard_streams import ShardDataError
@@ -114,7 +114,7 @@ def _config(run_dir, data, **overrides) -> PretrainConfig:
 
 def test_preflight_passes_on_good_data(tmp_path, training_data):
     checked = preflight(_config(tmp_path / "run", training_data), world_size=2)
-    assert checked.tag is None and set(checked.shards) == {"image", "text", "pair"}
+    assert checked.resume_point.tag is None and set(checked.shards) == {"image", "text", "pair"}
 
 
 def test_missing_shards_fail_before_training(tmp_path, training_data):
@@ -133,8 +133,11 @@ def test_tokenizer_larger_than_the_model_fails(tmp_path, training_data):
 
 def _fake_checkpoint(config: PretrainConfig, world_size: int, manifests: dict) -> None:
     run_dir = Path(config.run_dir)
-    (run_dir / "checkpoints" / "step-00000004").mkdir(parents=True)
-    mark_latest(run_dir / "checkpoints", "step-00000004")
+    checkpoints = run_dir / "checkpoints"
+    for rank in range(world_size):
+        save_trainer_state(checkpoints, "step-00000004", rank, {"step": 4})
+    mark_complete(checkpoints, "step-00000004", world_size)
+    mark_latest(checkpoints, "step-00000004")
     (run_dir / RUN_STATE).write_text(json.dumps({"fingerprint": resume_fingerprint(config, world_size),
                                                  "manifests": manifests}))
 
@@ -143,7 +146,7 @@ def test_resume_refuses_changed_settings_data_or_world_size(tmp_path, training_d
     config = _config(tmp_path / "run", training_data)
     checked = preflight(config, world_size=2)
     _fake_checkpoint(config, 2, checked.manifests)
-    assert preflight(config, world_size=2).tag == "step-00000004"
+    assert preflight(config, world_size=2).resume_point.tag == "step-00000004"
     with pytest.raises(ResumeError, match="seed: was 0, now 7"):
         preflight(config.model_copy(update={"seed": 7}), world_size=2)
     with pytest.raises(ResumeError, match="world_size: was 2, now 4"):

@@ -1,18 +1,24 @@
 """The VQ-KD encoder side and the random-projection tokenizer: loading, grids, determinism, no lockstep."""
 
 import io
+import math
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from timm.layers import resample_abs_pos_embed
 
+from beit3.sample_data import PHOTOS
 from beit3.tokenizers.text import TokenizerFileError
 from beit3.tokenizers.visual import (
     VisualTokenizerConfig,
@@ -97,6 +103,79 @@ def test_official_shape_gives_16x16_codes_at_256_pixels():
     assert tuple(tokenizer.encoder.trained_grid) == (14, 14)
     assert tokenizer.encoder.positions((16, 16)).shape == (1, 257, 768)
     assert tokenizer.grid(256) == 16 and tokenizer.grid(224) == 14
+
+
+def beit_v2_positions(pos_embed, rows, cols):
+    """BEiT v2's `interpolate_pos_encoding` (beit2/modeling_finetune.py), written out: the patch rows as a
+    square image, bicubic by scale factor (grid + 0.1) / trained side, align_corners False, the CLS row kept."""
+    patches = pos_embed.shape[1] - 1
+    dim = pos_embed.shape[-1]
+    if patches == rows * cols and rows == cols:
+        return pos_embed
+    side = math.sqrt(patches)
+    patch_pos_embed = F.interpolate(pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2),
+                                    scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic")
+    assert patch_pos_embed.shape[-2:] == (rows, cols)
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((pos_embed[:, 0].unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@torch.no_grad()
+def codes_with_positions(tokenizer, images, positions):
+    """Codes as BEiT v2's `VQKD.get_codebook_indices` computes them, from the tokenizer's weights and the
+    position table given: [-1, 1] input, encoder, fc_norm over the patches, task layer, nearest l2 code."""
+    encoder = tokenizer.encoder
+    x = images * 255.0 / 127.5 - 1.0
+    x = encoder.patch_embed(x)
+    x = torch.cat((encoder.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + positions
+    for block in encoder.blocks:
+        x = block(x)
+    z = F.normalize(tokenizer.encode_task_layer(encoder.fc_norm(x[:, 1:])), dim=-1)
+    codebook = tokenizer.quantize.embedding.weight
+    distances = z.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
+    return distances.argmin(-1).view(images.shape[0], images.shape[-2] // 16, images.shape[-1] // 16)
+
+
+def photographs(size):
+    """The photographs matplotlib ships, centre-cropped square at `size` pixels, in [0, 1]."""
+    folder = Path(matplotlib.get_data_path()) / "sample_data"
+    views = [ImageOps.fit(Image.open(folder / name).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+             for name in PHOTOS]
+    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).float() / 255
+
+
+def tokenizer_with_a_position_table(seed=3):
+    """A seeded random tokenizer trained at 224 pixels; random init leaves positions at zero, so a seeded table
+    is written in for the resampling to matter."""
+    tokenizer, _ = build_visual_tokenizer(VisualTokenizerConfig(**{**SMALL, "image_size": 224}, seed=seed))
+    table = torch.randn(tokenizer.encoder.pos_embed.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        tokenizer.encoder.pos_embed.copy_(table)
+    return tokenizer
+
+
+def test_position_table_is_resampled_as_beit_v2_does_and_codes_match_at_224_and_256_pixels():
+    tokenizer = tokenizer_with_a_position_table()
+    pos_embed = tokenizer.encoder.pos_embed
+    assert tokenizer.encoder.positions((14, 14)) is pos_embed
+    for rows, cols in [(16, 16), (12, 12), (16, 18)]:
+        assert torch.equal(tokenizer.encoder.positions((rows, cols)), beit_v2_positions(pos_embed, rows, cols))
+    for size, grid in [(224, 14), (256, 16)]:
+        views = photographs(size)
+        codes = tokenizer.encode(views)
+        assert codes.shape == (len(PHOTOS), grid, grid)
+        assert torch.equal(codes, codes_with_positions(tokenizer, views, beit_v2_positions(pos_embed, grid, grid)))
+
+
+def test_antialiased_resampling_to_a_fixed_size_would_change_codes_at_256_pixels():
+    """The resampling used before (timm's `resample_abs_pos_embed`: antialiased, to a fixed size) samples the
+    table elsewhere, so the comparison above can fail."""
+    tokenizer = tokenizer_with_a_position_table()
+    views = photographs(256)
+    antialiased = resample_abs_pos_embed(tokenizer.encoder.pos_embed, [16, 16], [14, 14], num_prefix_tokens=1)
+    assert not torch.allclose(antialiased, beit_v2_positions(tokenizer.encoder.pos_embed, 16, 16), atol=1e-3)
+    changed = tokenizer.encode(views) != codes_with_positions(tokenizer, views, antialiased)
+    assert 0 < changed.sum() < changed.numel() / 4
 
 
 def test_random_tokenizers_are_deterministic_given_seed_and_input():

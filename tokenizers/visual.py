@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.layers import PatchEmbed
 from timm.models.beit import Block
 from torch import nn
 
@@ -84,10 +84,18 @@ class VQKDEncoder(nn.Module):
         self.trained_grid = self.patch_embed.grid_size
 
     def positions(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position table for a patch grid, bicubically resampled when it differs from the trained one."""
+        """The position table for a patch grid, resampled when it differs from the trained one exactly as BEiT v2
+        does (`interpolate_pos_encoding`): bicubic by the scale factor (grid + 0.1) / trained grid, no
+        antialiasing, the CLS row kept. The scale, not the output size, sets where each row is sampled, so
+        codes at other grids match those of the official encoder."""
         if tuple(grid) == tuple(self.trained_grid):
             return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, list(grid), list(self.trained_grid), num_prefix_tokens=1)
+        rows, cols = self.trained_grid
+        patch_table = self.pos_embed[:, 1:].reshape(1, rows, cols, -1).permute(0, 3, 1, 2)
+        patch_table = F.interpolate(patch_table, scale_factor=((grid[0] + 0.1) / rows, (grid[1] + 0.1) / cols),
+                                    mode="bicubic", align_corners=False)
+        patch_table = patch_table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        return torch.cat([self.pos_embed[:, :1], patch_table], dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
