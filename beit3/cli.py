@@ -1,7 +1,6 @@
 """The `beit3` command: each subcommand is a thin layer over a function that tests call directly."""
 
 import argparse
-import os
 import sys
 
 from beit3.config import load_config
@@ -90,11 +89,9 @@ def data_build(args: argparse.Namespace) -> int:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from beit3.pretrain.train_config import load_pretrain_config, split_batch
+    from beit3.pretrain.train_config import load_pretrain_config
 
     config = load_pretrain_config(args.config)
-    # A batch that cannot divide fails here, before DeepSpeed starts; under a launcher the rank count is known.
-    split_batch(config.batch, int(os.environ.get("WORLD_SIZE", "1")))
     from beit3.pretrain.trainer import train as run_training
 
     if args.run_dir:
@@ -144,9 +141,31 @@ def plan(args: argparse.Namespace) -> int:
     config = load_pretrain_config(args.config)
     gpu = resolve_gpu(args.gpu, peak_tflops=args.gpu_peak_tflops, memory_gb=args.gpu_memory_gb)
     lengths = {k: v for k, v in (("text_len", args.text_len), ("caption_len", args.caption_len)) if v is not None}
+    if args.data:
+        lengths = {**_manifest_lengths(config, args.max_passes_per_view), **lengths}
     print(format_plan(plan_run(config, Cluster(args.nodes, args.gpus_per_node, gpu), mfu=args.mfu,
                                micro_batch=args.micro_batch, **lengths)))
     return 0
+
+
+def _manifest_lengths(config, max_passes_per_view: float) -> dict[str, int]:
+    """Print how often the run would see each stored view, warning past the limit, and return the text and
+    caption lengths the recipe's datasets were built with."""
+    from beit3.pretrain.data_contract import view_passes
+    from beit3.pretrain.shard_streams import index_datasets
+
+    index = index_datasets(config.data.datasets)
+    for passes in view_passes(config, index):
+        print(f"data: {passes.stream}: {passes.samples:,} samples x {passes.views_per_image} stored views; "
+              f"{config.steps:,} steps make {passes.passes:.1f} passes, {passes.per_view:.1f} per view")
+        if config.data.visual_codes == "stored" and passes.per_view > max_passes_per_view:
+            print(f"warning: {passes.stream}: each stored view would be seen {passes.per_view:.1f} times (more than "
+                  f"{max_passes_per_view:g}): crop augmentation is in effect reduced; build more "
+                  f"image.views_per_image, or use data.visual_codes: on_the_fly", file=sys.stderr)
+    recorded = [contract for contract in index.contracts.values() if contract.text_len and contract.caption_len]
+    if not recorded:
+        return {}
+    return {"text_len": max(c.text_len for c in recorded), "caption_len": max(c.caption_len for c in recorded)}
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -223,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: the recipe's gradient accumulation decides)")
     plan_command.add_argument("--text-len", type=int, help="tokens per monomodal text sample (default 128)")
     plan_command.add_argument("--caption-len", type=int, help="tokens per caption in an image-text pair (default 64)")
+    plan_command.add_argument("--data", action="store_true", help="read the recipe's datasets: text and caption "
+                              "lengths from their manifests, and passes per stored view")
+    plan_command.add_argument("--max-passes-per-view", type=float, default=10.0,
+                              help="with --data, warn when a stored view would be seen more often (default 10)")
     plan_command.set_defaults(handler=plan)
     demo_command = commands.add_parser("demo", help="run what the system can do end to end on this machine")
     demo_command.add_argument("--steps", type=int, default=100, help="training steps")

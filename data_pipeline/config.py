@@ -7,6 +7,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from beit3.tokenizers.visual import VisualTokenizerConfig
 
 from .storage import check_location
+from .views import ViewSettings
 
 
 class _Strict(BaseModel):
@@ -15,6 +16,10 @@ class _Strict(BaseModel):
 
 StorageUrl = Annotated[str, AfterValidator(check_location)]
 """A data location, checked while the config is read."""
+MAX_DOCUMENT_BYTES = 2**20
+"""Default longest text document: a megabyte is a long book chapter; lines longer are data, not text."""
+MAX_DECOMPRESSED_BYTES = 2**30
+"""Default bound on what one compressed input may expand to."""
 SOURCE_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Letters, digits, - and _: it starts sample keys.")
 
 
@@ -74,11 +79,10 @@ Source = Annotated[
 
 class ImageSettings(_Strict):
     shorter_side: int = Field(256, gt=0, description="Stored images are downscaled to this shorter side.")
-    views_per_image: int = Field(1, gt=0, description="Crop-and-flip views with precomputed codes per image.")
+    views_per_image: int = Field(1, gt=0, description="Views (jitter, flip, crop) with precomputed codes per image; "
+                                 "the trainer walks them without replacement, one per pass.")
     tokenizer_view_size: int = Field(224, gt=0, description="224 for 16-pixel-patch models, 256 for the giant.")
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_probability: float = Field(0.5, ge=0, le=1)
+    views: ViewSettings = Field(ViewSettings(), description="How views are drawn and rendered (BEiT v2's defaults).")
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_pixels: int = Field(64_000_000, gt=0, description="Larger images are skipped as decompression bombs.")
 
@@ -111,6 +115,17 @@ class DataConfig(_Strict):
     text_shard_bytes: int = Field(
         64 * 2**20, gt=0, description="Uncompressed line-per-document corpus files are split into parts of this "
         "many input bytes, one text shard each; compressed and paragraph files give one shard per file."
+    )
+    max_document_bytes: int = Field(
+        MAX_DOCUMENT_BYTES, gt=0, description="Text documents (a line, a paragraph, a JSON line) and captions longer "
+        "than this are skipped (`document_too_long`, `caption_too_long`); a document is dropped as soon as it passes "
+        "this while it is read, so no more of one is held."
+    )
+    max_decompressed_bytes: int = Field(
+        MAX_DECOMPRESSED_BYTES, gt=0, description="A compressed input (a .gz or .zst corpus file, a compressed input "
+        "tar) that expands to more bytes is skipped as `decompressed_too_large`; a corpus file's size is counted "
+        "while decompressing, before any of it is kept. A compressed corpus file is one text shard built in memory: "
+        "its packed ids take about half its decompressed bytes for prose, up to three times for one-letter lines."
     )
     sources: list[Source] = Field(min_length=1)
     image: ImageSettings = ImageSettings()

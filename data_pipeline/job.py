@@ -11,7 +11,9 @@ Faults during a run: a worker process that dies (killed, out of memory, node los
 Ray Data's defaults (task maps retry system failures without limit; a tokenizer actor that dies after starting is
 restarted without limit and its tasks retried), and since a shard's bytes depend only on its plan, the retry
 stores the same tar. Exceptions raised by the stages are not retried: storage errors are retried by the storage
-layer (see `storage`), one that outlasts those retries fails the job, and a re-run finishes it.
+layer (see `storage`), one that outlasts those retries fails the job, and a re-run finishes it. Bad input is not
+such an exception: every sample and file is read inside an error boundary that counts it (see `processing`); an
+exception that does stop the job names the planned shard and its input files.
 tests/test_pipeline_faults.py kills a worker running a map task and cuts the S3 endpoint off mid-run.
 """
 
@@ -35,10 +37,16 @@ from .storage import local_copy, open_storage
 
 
 def _prepare(row: dict, config_json: str) -> dict:
+    """The prepare stage of one planned shard; an error that stops it (bad samples and files do not) names the
+    shard and its inputs."""
     config = DataConfig.model_validate_json(config_json)
     plan = pickle.loads(row["plan"])
     prepare = {"image": prepare_images, "text": prepare_text, "pair": prepare_pairs}[plan.kind]
-    work = prepare(plan, config)
+    try:
+        work = prepare(plan, config)
+    except Exception as error:
+        error.add_note(f"while preparing {plan.name} from {plan.inputs}")
+        raise
     return {"work": pickle.dumps(work)}
 
 

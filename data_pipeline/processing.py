@@ -1,35 +1,46 @@
 """The work of one shard, stage by stage: read and validate, resize and choose views, visual codes, write.
 
 Stages pass a `ShardWork` along. A bad sample never stops a shard: it is dropped and counted under its source
-and a short reason, which the manifest reports.
+and a short reason, which the manifest reports. Each sample (and each text file) is built inside one error
+boundary, so that bytes that make a decoder, encoder or parser fail in a way no check foresaw are counted as
+`unexpected_error` and logged with the file, and the shard goes on.
+
+Every size an input declares is bounded before it is trusted: tar members against the bytes the tar holds (or,
+compressed, `max_decompressed_bytes`), compressed corpus files by counting what they expand to before keeping any
+of it, documents by `max_document_bytes` while they are read, images by `max_pixels`.
 """
 
 import functools
-import gzip
 import io
-import json
+import logging
+import lzma
 import re
+import sys
 import tarfile
+import zlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
+import zstandard
 
 from beit3.pretrain.masking import sample_seed
 from beit3.tokenizers.images import ImageDecodeError, decode_image
 from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer, truncate
 from beit3.tokenizers.visual import VisualTokenizer
 
-from .config import DataConfig
+from .config import MAX_DECOMPRESSED_BYTES, MAX_DOCUMENT_BYTES, DataConfig
 from .shards import ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar_bytes, shard_name, tar_bytes
-from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile
-from .storage import StorageError, local_copy, open_storage
+from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile, decoded_text, parse_json, text_encoding
+from .storage import local_copy, open_storage
 from .views import choose_views, render_view, resize_shorter_side
 
 CODE_BATCH = 64
 """Views per visual-tokenizer forward pass."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,13 +55,26 @@ class ShardWork:
     repaired: Counter = field(default_factory=Counter)
     tokenizer_views: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, source: str, sample: dict, training_samples: int = 1) -> None:
-        """A tar entry holding `training_samples` samples (text entries hold a block of segments)."""
+    def add(self, source: str, sample: dict, training_samples: int = 1,
+            tokenizer_views: torch.Tensor | None = None) -> None:
+        """A tar entry holding `training_samples` samples (text entries hold a block of segments), with the
+        tokenizer-sized pixels of its views when it has any."""
         self.samples.append(sample)
         self.sample_counts.append((source, training_samples))
+        if tokenizer_views is not None:
+            self.tokenizer_views.append(tokenizer_views)
 
-    def skip(self, source: str, reason: str) -> None:
+    def skip(self, source: str, reason: str, origin: str = "", detail: str = "") -> None:
+        """Count a skipped input under its source and reason; one given with its `origin` (the file, and the
+        member) is logged too, so that it can be found. Names and details come from the input: they are logged
+        escaped, so that a newline or a lone surrogate in a member name cannot forge or break a log line."""
         self.skipped[(source, reason)] += 1
+        if origin:
+            log.warning("%s: skipped as %s%s", _escaped(origin), reason, f" ({_escaped(detail)})" if detail else "")
+
+    def failed(self, source: str, origin: str, error: Exception) -> None:
+        """A sample or file whose bytes made a decoder, encoder or parser fail in a way no check foresaw."""
+        self.skip(source, "unexpected_error", origin, f"{type(error).__name__}: {error}")
 
     def written(self, start: int, stop: int) -> Counter:
         """Training samples per source in tar entries [start, stop)."""
@@ -58,6 +82,12 @@ class ShardWork:
         for source, training_samples in self.sample_counts[start:stop]:
             counts[source] += training_samples
         return counts
+
+
+def _escaped(text: str) -> str:
+    """Text from an input as Python writes it in a string literal, without the quotes: control characters and
+    lone surrogates escaped, everything else as it is."""
+    return repr(text)[1:-1]
 
 
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -80,91 +110,121 @@ def _provenance_json(fields: dict) -> bytes:
                        for name, value in fields.items()})
 
 
-def _tar_members(source: str, root: str, name: str, work: ShardWork) -> dict[str, dict[str, bytes]]:
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+"""What reading a damaged tar, or a damaged gzip, bzip2 or xz stream of one, raises."""
+
+
+def _tar_members(source: str, root: str, name: str, work: ShardWork,
+                 max_decompressed_bytes: int) -> dict[str, dict[str, bytes]]:
     """Files of an input tar grouped by sample key, WebDataset's way: the member's path up to the first dot of
     its file name, {key: {extension as written: bytes}}. So `a/x.jpg` and `b/x.jpg` are two samples; a path
     (`../`, a leading `/`) is only ever a key, never a place on disk.
 
     Damage is counted, never fatal: a name seen again (its first file is kept), links and devices (not
     followed), an unreadable tar, and a truncated or corrupt one, whose members before the damage are kept.
+    A member's declared size is checked before it is read: past the bytes the tar holds it is a truncation; in
+    a compressed tar, past `max_decompressed_bytes` it ends the reading (decompressed_too_large). A sparse member
+    (mostly holes, filled in as zeros when read: a few bytes can declare gigabytes) is skipped as sparse_member.
     """
+    origin = open_storage(root).url(name)
     try:
-        archive = tarfile.open(fileobj=io.BytesIO(open_storage(root).read_bytes(name)))
-    except (OSError, tarfile.TarError, EOFError):
-        work.skip(source, "unreadable_tar")
+        data = open_storage(root).read_bytes(name)
+        archive = tarfile.open(fileobj=io.BytesIO(data))
+    except TAR_ERRORS as error:
+        work.skip(source, "unreadable_tar", origin, f"{type(error).__name__}: {error}")
         return {}
+    compressed = not isinstance(archive.fileobj, io.BytesIO)
+    end_of_data = max_decompressed_bytes if compressed else len(data)
     members: dict[str, dict[str, bytes]] = {}
     seen: set[str] = set()
+    damage = None
     with archive:
         try:
             for member in archive:
                 if member.isdir():
                     continue
                 if not member.isfile():
-                    work.skip(source, "not_a_regular_file")
+                    work.skip(source, "not_a_regular_file", f"{origin}:{member.name}")
                     continue
+                if member.issparse():
+                    work.skip(source, "sparse_member", f"{origin}:{member.name}", f"{member.size:,} bytes declared")
+                    continue
+                if member.offset_data + member.size > end_of_data:
+                    damage = "decompressed_too_large" if compressed else "truncated_tar"
+                    break
                 if member.name in seen:
-                    work.skip(source, "duplicate_member")
+                    work.skip(source, "duplicate_member", f"{origin}:{member.name}")
                     continue
                 seen.add(member.name)
                 folder, slash, file_name = member.name.rpartition("/")
                 stem, _, extension = file_name.partition(".")
                 members.setdefault(folder + slash + stem, {})[extension] = archive.extractfile(member).read()
-            damage = _damage_after_last_member(archive)
-        except (tarfile.TarError, OSError, EOFError):
+            else:
+                damage = _damage_after_last_member(archive, end_of_data)
+        except TAR_ERRORS:
             damage = "truncated_tar"
+        except Exception as error:  # tarfile on bytes no check foresaw: the members before them are kept
+            work.failed(source, origin, error)
     if damage:
-        work.skip(source, damage)
+        work.skip(source, damage, origin)
     return members
 
 
-def _damage_after_last_member(archive: tarfile.TarFile) -> str | None:
+def _damage_after_last_member(archive: tarfile.TarFile, end_of_data: int) -> str | None:
     """Python's tarfile ends quietly at a header that is cut short or garbled, dropping every member after it;
-    a whole tar has its zero end block there, and nothing but zeros after that."""
+    a whole tar has its zero end block there, and nothing but zeros after that (read no further than
+    `end_of_data`: a compressed tar could go on expanding)."""
     archive.fileobj.seek(archive.offset)
     end_block = archive.fileobj.read(tarfile.BLOCKSIZE)
     if len(end_block) < tarfile.BLOCKSIZE:
         return "truncated_tar"
     if end_block.count(0) != tarfile.BLOCKSIZE:
         return "corrupt_tar"
+    position = archive.offset + tarfile.BLOCKSIZE
     while rest := archive.fileobj.read(1 << 20):
         if rest.count(0) != len(rest):
             return "data_after_end_of_tar"
+        position += len(rest)
+        if position > end_of_data:
+            return "decompressed_too_large"
     return None
 
 
 def _image_fields(
     work: ShardWork, source: str, view_seed: int, data: bytes, origin: str, config: DataConfig
-) -> dict | None:
-    """Decode, validate, resize and choose views for one image; None (and a counted skip) if it is unusable.
-
-    The tokenizer-sized pixels of each view go to `work.tokenizer_views`, in step with the samples added.
-    """
+) -> tuple[dict, torch.Tensor | None] | None:
+    """Decode, validate, resize and choose views for one image: its tar fields and the tokenizer-sized pixels of
+    its views (None without a visual tokenizer); None (and a counted skip) if it is unusable."""
     settings = config.image
     try:
         image = decode_image(data, origin, settings.max_pixels)
     except ImageDecodeError as error:
-        work.skip(source, error.reason)
+        work.skip(source, error.reason, origin, error.detail)
         return None
     image = resize_shorter_side(image, settings.shorter_side)
-    views = choose_views(image, settings.views_per_image, view_seed, settings.crop_scale, settings.crop_ratio,
-                         settings.flip_probability)
+    views = choose_views(image, settings.views_per_image, view_seed, settings.views)
     encoded = io.BytesIO()
-    image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
+    try:
+        image.save(encoded, format="JPEG", quality=settings.jpeg_quality)
+    except (OSError, ValueError) as error:  # JPEG stores at most 65,500 pixels a side: a 70000 x 1 PNG decodes
+        work.skip(source, "unencodable_image", origin, f"{image.width}x{image.height}: {error}")
+        return None
+    tokenizer_views = None
     if config.visual_tokenizer is not None:
-        # Codes are computed from the stored JPEG's pixels: exactly what the trainer will decode and crop.
-        pixels = TF.pil_to_tensor(decode_image(encoded.getvalue()))
-        work.tokenizer_views.append(torch.stack([render_view(pixels, view, settings.tokenizer_view_size)
-                                                 for view in views]))
-    return {"jpg": encoded.getvalue(), "views.json": json_bytes([view.to_json() for view in views])}
+        # Codes come from the stored JPEG's pixels after each view's jitter and flip: exactly what the trainer
+        # decodes and renders for the model, cut from the same jittered, flipped pixels.
+        stored = decode_image(encoded.getvalue())
+        tokenizer_views = torch.stack([render_view(stored, view, settings.tokenizer_view_size,
+                                                   settings.views.tokenizer_interpolation) for view in views])
+    return {"jpg": encoded.getvalue(), "views.json": json_bytes([view.to_json() for view in views])}, tokenizer_views
 
 
-def _image_entries(items: tuple, work: ShardWork):
+def _image_entries(items: tuple, work: ShardWork, config: DataConfig):
     """(source, key, seed position, image bytes, provenance) per image of a class-folder chunk (which may span
     sources) or of one per-class tar."""
     if isinstance(items[0], ImageTar):
         (image_tar,) = items
-        members = _tar_members(image_tar.source, image_tar.root, image_tar.name, work)
+        members = _tar_members(image_tar.source, image_tar.root, image_tar.name, work, config.max_decompressed_bytes)
         images = sorted((key, data) for key, files in members.items() for extension, data in files.items()
                         if f".{extension.lower()}".endswith(IMAGE_SUFFIXES))
         for position, (key, data) in enumerate(images):
@@ -174,28 +234,43 @@ def _image_entries(items: tuple, work: ShardWork):
     for item in items:
         try:
             data = open_storage(item.root).read_bytes(item.name)
-        except OSError:  # StorageError, or a file that cannot be read (permissions)
-            work.skip(item.source, "unreadable")
+        except OSError as error:  # StorageError, or a file that cannot be read (permissions)
+            work.skip(item.source, "unreadable", f"{item.source}:{item.name}", str(error))
             continue
         yield item.source, f"{item.source}-{item.index:09d}", (item.index,), data, {"file": item.name,
                                                                                    "label": item.label}
 
 
+def _origin(source: str, provenance: dict) -> str:
+    """Where a sample came from, for messages: source, file and member."""
+    member = provenance.get("member") or provenance.get("key")
+    return f"{source}:{provenance['file']}" + (f":{member}" if member is not None else "")
+
+
 def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Decode, validate, resize, choose views; keep the tokenizer-sized view pixels for the next stage."""
     work = ShardWork(plan)
-    for source, key, position, data, provenance in _image_entries(plan.items, work):
-        view_seed = sample_seed(config.seed, source, *position)
-        fields = _image_fields(work, source, view_seed, data, f"{source}:{provenance['file']}", config)
-        if fields is not None:
-            work.add(source, {"__key__": key, **fields, "json": _provenance_json({"source": source, **provenance})})
+    for source, key, position, data, provenance in _image_entries(plan.items, work, config):
+        origin = _origin(source, provenance)
+        try:
+            image = _image_fields(work, source, sample_seed(config.seed, source, *position), data, origin, config)
+        except Exception as error:  # one sample never stops a shard, whatever its bytes make a decoder do
+            work.failed(source, origin, error)
+            continue
+        if image is not None:
+            fields, tokenizer_views = image
+            work.add(source, {"__key__": key, **fields, "json": _provenance_json({"source": source, **provenance})},
+                     tokenizer_views=tokenizer_views)
     return work
 
 
-def _caption_ids(work: ShardWork, source: str, caption: str, config: DataConfig) -> list[int] | None:
+def _caption_ids(work: ShardWork, source: str, caption: str, config: DataConfig, origin: str) -> list[int] | None:
+    if len(caption.encode("utf-8")) > config.max_document_bytes:
+        work.skip(source, "caption_too_long", origin, f"more than {config.max_document_bytes:,} bytes")
+        return None
     caption = " ".join(caption.replace("\x00", "").split())
     if not caption:
-        work.skip(source, "empty_caption")
+        work.skip(source, "empty_caption", origin)
         return None
     ids = load_text_tokenizer(config.text_tokenizer).encode(caption)
     if len(ids) > config.caption_len:
@@ -204,22 +279,23 @@ def _caption_ids(work: ShardWork, source: str, caption: str, config: DataConfig)
     return ids
 
 
-def _pairs_of_tar(pair_tar: PairTar, work: ShardWork):
+def _pairs_of_tar(pair_tar: PairTar, work: ShardWork, config: DataConfig):
     """(source, key, seed position, image bytes, caption, provenance) per sample of a downloader-layout tar."""
-    members = _tar_members(pair_tar.source, pair_tar.root, pair_tar.name, work)
+    members = _tar_members(pair_tar.source, pair_tar.root, pair_tar.name, work, config.max_decompressed_bytes)
     for position, key in enumerate(sorted(members)):
         # Extensions match in any case; of `x.JPG` and `x.jpg` both in one tar, the exact lower-case one is used.
         sample = {extension.lower(): data for extension, data in sorted(members[key].items())}
         image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        origin = f"{pair_tar.source}:{pair_tar.name}:{key}"
         if image is None:
-            work.skip(pair_tar.source, "missing_image")
+            work.skip(pair_tar.source, "missing_image", origin)
             continue
         if "txt" not in sample:
-            work.skip(pair_tar.source, "missing_caption")
+            work.skip(pair_tar.source, "missing_caption", origin)
             continue
-        caption = sample["txt"].decode("utf-8", errors="replace")
-        if "\ufffd" in caption:
-            work.repaired[(pair_tar.source, "invalid_utf8_replaced")] += 1
+        caption, repair = decoded_text(sample["txt"])
+        if repair:
+            work.repaired[(pair_tar.source, repair)] += 1
         yield (pair_tar.source, f"{pair_tar.source}-{pair_tar.index:06d}-{position:06d}", (pair_tar.index, position),
                image, caption, {"file": pair_tar.name, "key": key})
 
@@ -228,31 +304,36 @@ def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Image-text pairs: the image as for images, the caption tokenized (and truncated to caption_len)."""
     work = ShardWork(plan)
     if isinstance(plan.items[0], PairTar):
-        entries = _pairs_of_tar(plan.items[0], work)
+        entries = _pairs_of_tar(plan.items[0], work, config)
     else:
         entries = _pairs_of_table(plan.items, work)
     for source, key, position, image, caption, provenance in entries:
-        caption, replaced = _valid_unicode(caption)
-        if replaced:
-            work.repaired[(source, "surrogates_replaced")] += 1
-        ids = _caption_ids(work, source, caption, config)
-        if ids is None:
+        origin = _origin(source, provenance)
+        try:
+            caption, replaced = _valid_unicode(caption)
+            if replaced:
+                work.repaired[(source, "surrogates_replaced")] += 1
+            ids = _caption_ids(work, source, caption, config, origin)
+            if ids is None:
+                continue
+            image = _image_fields(work, source, sample_seed(config.seed, source, *position), image, origin, config)
+        except Exception as error:  # one sample never stops a shard, whatever its bytes make a decoder do
+            work.failed(source, origin, error)
             continue
-        view_seed = sample_seed(config.seed, source, *position)
-        fields = _image_fields(work, source, view_seed, image, f"{source}:{provenance['file']}", config)
-        if fields is not None:
+        if image is not None:
+            fields, tokenizer_views = image
             work.add(source, {
                 "__key__": key, **fields,
                 "ids.npy": npy_bytes(np.asarray(ids, dtype=np.uint16)),
                 "json": _provenance_json({"source": source, "caption": caption, **provenance}),
-            })
+            }, tokenizer_views=tokenizer_views)
     return work
 
 
 def _pairs_of_table(items: tuple, work: ShardWork):
     """(source, key, seed position, image bytes, caption, provenance) per table or COCO row (a chunk may span
     sources); missing images, image paths no file can have (a NUL, a lone surrogate), unparsable rows and
-    repaired text are counted."""
+    repaired text are counted (rows skipped while the table was listed were logged then)."""
     for item in items:
         if item.skipped:
             work.skip(item.source, item.skipped)
@@ -264,10 +345,10 @@ def _pairs_of_table(items: tuple, work: ShardWork):
         except OSError:  # StorageError, a folder, a file that cannot be read
             image = None
         except ValueError:
-            work.skip(item.source, "bad_image_path")
+            work.skip(item.source, "bad_image_path", f"{item.source}:{item.name}")
             continue
         if image is None:
-            work.skip(item.source, "missing_image")
+            work.skip(item.source, "missing_image", f"{item.source}:{item.name}")
             continue
         yield (item.source, f"{item.source}-{item.index:012d}", (item.index,), image, item.caption,
                {"file": item.name, "index": item.index})
@@ -287,52 +368,201 @@ def add_codes(work: ShardWork, tokenizer: VisualTokenizer) -> ShardWork:
     return work
 
 
-def _decompressed(name: str, data: bytes) -> bytes:
-    if name.endswith(".gz"):
-        return gzip.decompress(data)
-    if name.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
-    return data
-
-
+READ_BYTES = 1 << 22
+"""Bytes per storage read, or per decompression step, of a corpus file."""
+BATCH_BYTES = 1 << 18
+"""Text is cut into documents, tokenized and packed this many bytes at a time: until tokenized, a one-letter line
+costs about 500 bytes of Python objects."""
 LINE_SEARCH_BYTES = 1 << 16
 """How far past a part's end to read at a time to finish its last line."""
+ZSTD_INPUT_BYTES = 1 << 10
+"""Compressed bytes given to the zstd decoder at a time: a zstd block expands at most 32768-fold, so one step
+gives at most 32 MiB."""
+DECOMPRESSION_ERRORS = (EOFError, zlib.error, zstandard.ZstdError)
+
+
+def _line_part(storage, name: str, start: int, stop: int, max_line_bytes: int) -> Iterator[bytes]:
+    """The bytes of every line that begins in [start, stop), in chunks: each line of a file in exactly one part.
+    The last line is followed past `stop` until it ends, or until it is longer than `max_line_bytes` (the reader
+    drops it then), so a part reads at most its own bytes, the line before it up to `stop`, and that bound:
+    splitting a file is linear in its size however long its lines."""
+    position, in_line_before = max(start - 1, 0), start > 0  # the byte before start: a line begins after a newline
+    line_ends = True
+    while position < stop and (chunk := storage.read_range(name, position, min(position + READ_BYTES, stop))):
+        position += len(chunk)
+        if in_line_before:
+            newline = chunk.find(b"\n")
+            if newline == -1:
+                continue
+            chunk, in_line_before = chunk[newline + 1 :], False
+        if chunk:
+            line_ends = chunk.endswith(b"\n")
+            yield chunk
+    if in_line_before or line_ends:
+        return
+    followed = 0
+    while followed <= max_line_bytes and (more := storage.read_range(name, position, position + LINE_SEARCH_BYTES)):
+        newline = more.find(b"\n")
+        if newline != -1:
+            yield more[: newline + 1]
+            return
+        yield more
+        position += len(more)
+        followed += len(more)
 
 
 def read_whole_lines(storage, name: str, start: int, stop: int) -> bytes:
-    """The bytes of every line that begins in [start, stop): each line of a file in exactly one part."""
-    data = storage.read_range(name, max(start - 1, 0), stop)
-    if start > 0:
-        first = data.find(b"\n")  # data[0] is the byte before start: a line begins after each newline
-        data = data[first + 1 :] if first != -1 else b""
-    if not data:
-        return b""
-    position = stop
-    while not data.endswith(b"\n"):
-        more = storage.read_range(name, position, position + LINE_SEARCH_BYTES)
-        if not more:
-            break
-        end = more.find(b"\n")
-        data += more if end == -1 else more[: end + 1]
-        position += len(more)
-    return data
+    """The bytes of every line that begins in [start, stop), however long."""
+    return b"".join(_line_part(storage, name, start, stop, sys.maxsize))
 
 
-def _read_text(text_file: TextFile, work: ShardWork) -> str:
-    """The decoded text of one corpus file or part, NULs dropped; invalid UTF-8 is replaced and counted."""
-    storage = open_storage(text_file.root)
-    if text_file.stop is None:
-        raw = _decompressed(text_file.name, storage.read_bytes(text_file.name))
-    else:
-        raw = read_whole_lines(storage, text_file.name, text_file.start, text_file.stop)
+def _rechunked(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Decompressed pieces joined into chunks of about READ_BYTES; where decompression fails, the bytes before
+    the damage come out first."""
+    output, size = [], 0
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        work.repaired[(text_file.source, "invalid_utf8_replaced")] += 1
-    return text.replace("\x00", "") if b"\x00" in raw else text  # searching bytes is cheaper than the text
+        for piece in pieces:
+            output.append(piece)
+            size += len(piece)
+            if size >= READ_BYTES:
+                yield b"".join(output)
+                output, size = [], 0
+    except Exception:
+        yield b"".join(output)
+        raise
+    yield b"".join(output)
+
+
+def _gzip_pieces(data: bytes) -> Iterator[bytes]:
+    """Every member of a .gz file decompressed, LINE_SEARCH_BYTES at most at a time. Python's GzipFile meets a
+    cut in the read that decompresses the bytes before it, and drops them; here they come first, then EOFError.
+    Zero bytes after the last member are padding; anything else there is a corrupt member (zlib.error)."""
+    view, member, position = memoryview(data), None, 0
+    while position < len(data):
+        if member is None:
+            if data[position] == 0 and data.count(0, position) == len(data) - position:
+                return
+            member = zlib.decompressobj(16 + zlib.MAX_WBITS)  # with the gzip header and trailer
+        compressed = view[position : position + LINE_SEARCH_BYTES]
+        piece = member.decompress(compressed, LINE_SEARCH_BYTES)
+        position += len(compressed) - len(member.unused_data if member.eof else member.unconsumed_tail)
+        member = None if member.eof else member
+        yield piece
+    while member is not None:  # all input given: what the member still holds, then its end
+        piece = member.decompress(b"", LINE_SEARCH_BYTES)
+        if not piece and not member.eof:
+            raise EOFError("the last gzip member is cut short")
+        member = None if member.eof else member
+        yield piece
+
+
+def _zstd_pieces(data: bytes) -> Iterator[bytes]:
+    """Every frame of a .zst file decompressed. zstandard's stream readers end quietly where a file is cut; here
+    a frame left unfinished raises EOFError, and bytes after a frame that do not begin another raise ZstdError."""
+    decompressor, frame = zstandard.ZstdDecompressor(), None
+    view = memoryview(data)
+    for offset in range(0, len(data), ZSTD_INPUT_BYTES):
+        compressed = view[offset : offset + ZSTD_INPUT_BYTES]
+        while compressed:
+            if frame is None:
+                frame = decompressor.decompressobj()
+            yield frame.decompress(compressed)
+            compressed, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
+    if frame is not None:
+        raise EOFError("the last zstd frame is cut short")
+
+
+DECOMPRESSORS = {".gz": lambda data: _rechunked(_gzip_pieces(data)),
+                 ".zst": lambda data: _rechunked(_zstd_pieces(data))}
+"""Decompressed chunks of a corpus file's bytes, by its last suffix."""
+
+
+def _decompressed_size_exceeds(chunks: Iterator[bytes], limit: int) -> bool:
+    """Whether a compressed file expands past `limit` bytes, counted chunk by chunk and nothing kept: a bomb
+    costs time, never memory. Damage ends the count; the reading pass meets it again and counts it."""
+    size = 0
+    try:
+        for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                return True
+    except DECOMPRESSION_ERRORS:
+        pass
+    return False
+
+
+def _text_chunks(text_file: TextFile, work: ShardWork, max_document_bytes: int,
+                 max_decompressed_bytes: int) -> Iterator[bytes]:
+    """The bytes of a corpus file (decompressed) or part, READ_BYTES or so at a time."""
+    storage, name = open_storage(text_file.root), text_file.name
+    if text_file.stop is not None:
+        yield from _line_part(storage, name, text_file.start, text_file.stop, max_document_bytes)
+        return
+    decompress = DECOMPRESSORS.get(name[name.rfind(".") :].lower())
+    if decompress is None:
+        position = 0
+        while chunk := storage.read_range(name, position, position + READ_BYTES):
+            position += len(chunk)
+            yield chunk
+        return
+    data = storage.read_bytes(name)  # then decompressed twice: counted first, read once known to fit
+    if _decompressed_size_exceeds(decompress(data), max_decompressed_bytes):
+        work.skip(text_file.source, "decompressed_too_large", storage.url(name),
+                  f"{len(data):,} bytes expand past max_decompressed_bytes, {max_decompressed_bytes:,}")
+        return
+    yield from decompress(data)
+
+
+def _as_utf8(chunks: Iterator[bytes], at_file_start: bool, work: ShardWork, source: str) -> Iterator[bytes]:
+    """The chunks of a text file as UTF-8, as corpora arrive: a UTF-8 byte-order mark is dropped, and a file that
+    begins with a UTF-16 or UTF-32 one (such files are never split into parts) is decoded whole."""
+    head = b""
+    while at_file_start and len(head) < 4 and (chunk := next(chunks, None)) is not None:
+        head += chunk
+    encoding = text_encoding(head)
+    if encoding == "utf-8-sig":
+        head = head[3:]
+    elif encoding != "utf-8":
+        text, repair = decoded_text(b"".join([head, *chunks]))
+        if repair:
+            work.repaired[(source, repair)] += 1
+        yield text.encode("utf-8")
+        return
+    if head:
+        yield head
+    yield from chunks
+
+
+def _document_runs(chunks: Iterator[bytes], separator: bytes, max_document_bytes: int,
+                   too_long: Callable[[], None]) -> Iterator[bytes]:
+    """The bytes cut into runs of whole documents, about BATCH_BYTES each (separators between the documents of a
+    run, none at its ends). A document longer than `max_document_bytes` is dropped, and counted through
+    `too_long`, as soon as it passes that bound: no more of one is ever kept."""
+    pending, dropping = b"", False
+    for chunk in chunks:
+        for offset in range(0, len(chunk), BATCH_BYTES):
+            data = pending + chunk[offset : offset + BATCH_BYTES]
+            end = data.rfind(separator)
+            if end == -1:
+                pending = data
+            else:
+                begin = data.find(separator) + len(separator) if dropping else 0  # the rest of a dropped one
+                run, pending, dropping = data[begin:end], data[end + len(separator) :], False
+                if len(run) > max_document_bytes:
+                    documents = run.split(separator)
+                    kept = [document for document in documents if len(document) <= max_document_bytes]
+                    for _ in range(len(documents) - len(kept)):
+                        too_long()
+                    run = separator.join(kept)
+                if run:
+                    yield run
+            if len(pending) > max_document_bytes:
+                if not dropping:
+                    too_long()
+                dropping = True
+                pending = pending[len(pending) - len(separator) + 1 :]  # a separator may begin in its last bytes
+    if pending and not dropping:
+        yield pending
 
 
 def _json_documents(text: str, text_field: str, source: str, work: ShardWork) -> list[str]:
@@ -340,11 +570,11 @@ def _json_documents(text: str, text_field: str, source: str, work: ShardWork) ->
     for line in text.split("\n"):
         if not line or line.isspace():
             continue
-        try:
-            document = " ".join(str(json.loads(line).get(text_field) or "").replace("\x00", "").split())
-        except (json.JSONDecodeError, AttributeError):
-            work.skip(source, "bad_json")
+        record, reason = parse_json(line)
+        if not isinstance(record, dict):
+            work.skip(source, reason or "bad_json")
             continue
+        document = " ".join(str(record.get(text_field) or "").replace("\x00", "").split())
         document, replaced = _valid_unicode(document)
         if replaced:
             work.repaired[(source, "surrogates_replaced")] += 1
@@ -355,30 +585,70 @@ def _json_documents(text: str, text_field: str, source: str, work: ShardWork) ->
     return documents
 
 
-def read_documents(text_file: TextFile, text_field: str, documents: str, work: ShardWork) -> list[str]:
-    """The whitespace-normalised documents of one corpus file or part; malformed JSON lines and empty documents
-    are counted, not fatal. Blank lines of a text file are no documents and are not counted."""
-    text = _read_text(text_file, work)
-    if ".jsonl" in text_file.name:
-        return _json_documents(text, text_field, text_file.source, work)
-    chunks = text.split("\n\n") if documents == "paragraph" else text.split("\n")
-    # Builtins mapped over all chunks at once: per-document Python steps would cost about as much as tokenizing.
-    return list(filter(None, map(" ".join, map(str.split, chunks))))
+def document_batches(text_file: TextFile, text_field: str, documents: str, work: ShardWork,
+                     max_document_bytes: int = MAX_DOCUMENT_BYTES,
+                     max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> Iterator[list[str]]:
+    """The whitespace-normalised documents of one corpus file or part, a batch (see BATCH_BYTES) at a time.
+
+    Counted, not fatal: malformed and over-limit JSON lines, empty documents, documents past
+    `max_document_bytes`, invalid UTF-8 (replaced), a compressed file that expands past
+    `max_decompressed_bytes` (nothing of it is read) and one that is cut short or corrupt (its documents
+    before the damage are kept). Blank lines of a text file are no documents and are not counted. What was
+    skipped is logged with the file at the end."""
+    source, name = text_file.source, text_file.name.lower()
+    origin = open_storage(text_file.root).url(text_file.name)
+    if text_file.stop is not None:
+        origin += f" bytes {text_file.start}-{text_file.stop}"
+    skipped_before = Counter(work.skipped)
+    jsonl = name.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl")
+    separator = "\n\n" if documents == "paragraph" and not jsonl else "\n"
+    chunks = _as_utf8(_text_chunks(text_file, work, max_document_bytes, max_decompressed_bytes),
+                      text_file.start == 0, work, source)
+    runs = _document_runs(chunks, separator.encode(), max_document_bytes,
+                          lambda: work.skip(source, "document_too_long"))
+    replaced = False
+    try:
+        for run in runs:
+            try:
+                text = run.decode("utf-8")
+            except UnicodeDecodeError:
+                text, replaced = run.decode("utf-8", errors="replace"), True
+            if b"\x00" in run:  # searching bytes is cheaper than the text
+                text = text.replace("\x00", "")
+            if jsonl:
+                yield _json_documents(text, text_field, source, work)
+            else:
+                # Builtins mapped over all documents at once: per-document Python steps would cost about as
+                # much as tokenizing.
+                yield list(filter(None, map(" ".join, map(str.split, text.split(separator)))))
+    except EOFError as error:
+        work.skip(source, "truncated_compressed_file", origin, str(error))
+    except DECOMPRESSION_ERRORS as error:
+        work.skip(source, "corrupt_compressed_file", origin, f"{type(error).__name__}: {error}")
+    except OSError as error:  # StorageError, or a file that cannot be read (permissions)
+        work.skip(source, "unreadable_file", origin, str(error))
+    if replaced:
+        work.repaired[(source, "invalid_utf8_replaced")] += 1
+    if skipped := work.skipped - skipped_before:
+        log.warning("%s: skipped %s", _escaped(origin), ", ".join(f"{reason}: {count}" for (_, reason), count
+                                                                   in sorted(skipped.items())))
 
 
-def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.ndarray:
-    """Pack documents (their ids end to end, without bos/eos, and each one's length) into `[bos] body [eos]`
-    rows of `text_len` uint16 ids, right-padded with `<pad>`.
+def read_documents(text_file: TextFile, text_field: str, documents: str, work: ShardWork, **limits) -> list[str]:
+    """Every document of `document_batches` in one list."""
+    return [document for batch in document_batches(text_file, text_field, documents, work, **limits)
+            for document in batch]
 
-    Documents in one segment are separated by eos; a document moves to a new segment when it does not fit in
-    what is left, and only a document longer than a whole segment is split across segments (into whole
-    segments and a rest). Everything but a one-step-per-segment walk is numpy.
-    """
+
+def _packed(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> tuple[np.ndarray, int, int]:
+    """The rows of `pack_documents`, and where its last segment's documents begin: the row, and the document
+    (for a document longer than a segment, its first row and itself)."""
     capacity = text_len - 2
     lengths = np.asarray(lengths, dtype=np.int64)
     pieces_per_document = np.maximum((lengths - 1) // capacity + 1, 1)
+    document_ends = np.cumsum(pieces_per_document)
     piece_lengths = np.full(int(pieces_per_document.sum()), capacity, dtype=np.int64)
-    piece_lengths[np.cumsum(pieces_per_document) - 1] = lengths - (pieces_per_document - 1) * capacity
+    piece_lengths[document_ends - 1] = lengths - (pieces_per_document - 1) * capacity
     # A segment starts at a non-empty piece and takes the following pieces while they, each with the eos after
     # it, fill at most capacity + 1 places; an empty document takes one place too (the separator it would have
     # had) but adds no ids. Where a segment starting at each piece would stop, and where the next one would
@@ -402,7 +672,44 @@ def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.nd
     rows = np.full((len(starts), text_len), PAD, dtype=np.uint16)
     rows[:, 0] = BOS
     rows[:, 1:][np.arange(text_len - 1) < row_lengths[:, None]] = stream
-    return rows
+    if not len(starts):
+        return rows, 0, len(lengths)
+    # A document longer than a segment begins a segment (its first piece fills one), so the last segment's
+    # first document begins a row.
+    last_document = int(np.searchsorted(document_ends, starts[-1], side="right"))
+    first_piece = int(document_ends[last_document - 1]) if last_document else 0
+    return rows, int(np.searchsorted(starts, first_piece)), last_document
+
+
+def pack_documents(ids: np.ndarray, lengths: np.ndarray, text_len: int) -> np.ndarray:
+    """Pack documents (their ids end to end, without bos/eos, and each one's length) into `[bos] body [eos]`
+    rows of `text_len` uint16 ids, right-padded with `<pad>`.
+
+    Documents in one segment are separated by eos; a document moves to a new segment when it does not fit in
+    what is left, and only a document longer than a whole segment is split across segments (into whole
+    segments and a rest). Everything but a one-step-per-segment walk is numpy.
+    """
+    return _packed(ids, lengths, text_len)[0]
+
+
+class SegmentPacker:
+    """`pack_documents` a batch of documents at a time, with the same rows as packing them all at once: the
+    documents of the last segment, which later ones may still join, wait for the next batch."""
+
+    def __init__(self, text_len: int):
+        self.text_len = text_len
+        self.ids = np.empty(0, dtype=np.int32)
+        self.lengths = np.empty(0, dtype=np.int64)
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The rows these documents finish."""
+        ids, lengths = np.concatenate([self.ids, ids]), np.concatenate([self.lengths, lengths])
+        rows, open_row, open_document = _packed(ids, lengths, self.text_len)
+        self.ids, self.lengths = ids[int(lengths[:open_document].sum()) :], lengths[open_document:]
+        return rows[:open_row]
+
+    def finish(self) -> np.ndarray:
+        return pack_documents(self.ids, self.lengths, self.text_len)
 
 
 @functools.lru_cache(maxsize=4)
@@ -415,28 +722,39 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Tokenize every document of the shard's file (or file part), pack them into full-length segments, and
     store the segments in blocks of `text_segments_per_sample` per tar entry ([segments, text_len] uint16,
     right-padded with `<pad>`): one entry per 128-token segment would spend 2 KB of tar headers on 256 bytes
-    of ids."""
+    of ids. Documents are read, tokenized and packed a batch at a time, and blocks stored as they fill, so a
+    worker holds the shard's ids and one batch of text, whatever the shape of the file."""
     work = ShardWork(plan)
     (text_file,) = plan.items
     source = next(s for s in config.sources if s.name == text_file.source)
     tokenizer = load_text_tokenizer(config.text_tokenizer)
     if tokenizer.vocab_size > 2**16:
         raise ValueError(f"{config.text_tokenizer}: {tokenizer.vocab_size:,} ids do not fit the shards' uint16")
+    packer, block_size = SegmentPacker(config.text_len), config.text_segments_per_sample
+    unstored, stored = [np.empty((0, config.text_len), dtype=np.uint16)], 0
+
+    def store(rows: np.ndarray, last: bool = False) -> None:
+        nonlocal unstored, stored
+        rows = np.concatenate([*unstored, rows])
+        whole = len(rows) if last else len(rows) // block_size * block_size
+        for first in range(0, whole, block_size):
+            block = rows[first : first + block_size]
+            work.add(text_file.source, {
+                "__key__": f"{text_file.source}-{text_file.index:06d}-{(stored + first) // block_size:06d}",
+                "ids.npy": npy_bytes(block),
+                "json": _provenance_json({"file": text_file.name, "source": text_file.source,
+                                          "start_byte": text_file.start, "first_segment": stored + first,
+                                          "segments": len(block)}),
+            }, training_samples=len(block))
+        unstored, stored = [rows[whole:]], stored + whole
+
     try:
-        documents = read_documents(text_file, source.text_field, source.documents, work)
-    except (StorageError, OSError, EOFError):
-        work.skip(text_file.source, "unreadable_file")
-        return work
-    rows = pack_documents(*tokenizer.encode_concatenated(documents), config.text_len)
-    block_size = config.text_segments_per_sample
-    for block_index, first in enumerate(range(0, len(rows), block_size)):
-        block = rows[first : first + block_size]
-        work.add(text_file.source, {
-            "__key__": f"{text_file.source}-{text_file.index:06d}-{block_index:06d}",
-            "ids.npy": npy_bytes(block),
-            "json": _provenance_json({"file": text_file.name, "source": text_file.source, "start_byte": text_file.start,
-                                "first_segment": first, "segments": len(block)}),
-        }, training_samples=len(block))
+        for documents in document_batches(text_file, source.text_field, source.documents, work,
+                                          config.max_document_bytes, config.max_decompressed_bytes):
+            store(packer.add(*tokenizer.encode_concatenated(documents)))
+    except Exception as error:  # a file never stops the build: what was read before the error is kept
+        work.failed(text_file.source, open_storage(text_file.root).url(text_file.name), error)
+    store(packer.finish(), last=True)
     return work
 
 

@@ -2,17 +2,22 @@
 
 The plan is a pure function of the input listing (sorted) and the config, so a re-run of an interrupted
 job plans the same shards with the same samples, skips the finished ones, and redoes the rest identically.
-Image shards hold `samples_per_shard` images of class folders in listing order, and so do pair shards from
-tables and COCO annotations; an input tar (a per-class ImageNet tar, or a WebDataset tar of pairs) becomes one
+Image shards hold `samples_per_shard` images of class folders in a seeded permutation of the listing, and so do
+pair shards from tables and COCO annotations; an input tar (a per-class ImageNet tar, or a WebDataset tar of pairs) becomes one
 planned shard, so it is read once; a text shard holds the packed segments of one input file or file part. A
 planned shard that exceeds the sample or byte target is written as several parts (see `DataConfig`).
 """
 
+import codecs
 import csv
 import io
 import json
+import logging
+import random
+from collections import Counter
 from dataclasses import dataclass
 
+import pyarrow
 import pyarrow.parquet
 
 from .config import CocoPairSource, DataConfig, ImageNetSource, TablePairSource, TextSource, WebDatasetPairSource
@@ -21,6 +26,11 @@ from .storage import open_storage
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+"""Byte-order marks and the encodings they announce (UTF-32's little-endian mark begins like UTF-16's)."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,16 @@ class ShardPlan:
     def name(self) -> str:
         return shard_name(self.kind, self.index)
 
+    @property
+    def inputs(self) -> str:
+        """The input files the shard is built from, for messages."""
+        def where(item) -> str:
+            part = f" bytes {item.start}-{item.stop}" if isinstance(item, TextFile) and item.stop is not None else ""
+            return f"{item.root.rstrip('/')}/{item.name}{part}"
+
+        first, last = self.items[0], self.items[-1]
+        return where(first) if len(self.items) == 1 else f"{len(self.items)} inputs, {where(first)} to {where(last)}"
+
 
 def list_imagenet(source: ImageNetSource) -> tuple[list[ImageItem], list[ImageTar]]:
     """Images in class folders (`n01440764/x.JPEG`) and per-class tars (`n01440764.tar`), in sorted order."""
@@ -121,9 +141,11 @@ def list_text(source: TextSource, part_bytes: int) -> list[TextFile]:
         files.extend((path, n) for n in inside)
     parts = []
     for root, name in files:
-        splittable = name.endswith((".txt", ".jsonl")) and (name.endswith(".jsonl") or source.documents == "line")
+        lower = name.lower()
+        splittable = lower.endswith((".txt", ".jsonl")) and (lower.endswith(".jsonl") or source.documents == "line")
         size = open_storage(root).size(name) if splittable else 0
-        if size > part_bytes:
+        # Parts are found by newline bytes, which UTF-16 and UTF-32 do not have: such files are read whole.
+        if size > part_bytes and text_encoding(open_storage(root).read_range(name, 0, 4)).startswith("utf-8"):
             parts += [(root, name, start, min(start + part_bytes, size)) for start in range(0, size, part_bytes)]
         else:
             parts.append((root, name, 0, None))
@@ -136,60 +158,107 @@ def _split_url(url: str) -> tuple[str, str]:
     return root or ".", name
 
 
-def _decoded(data: bytes) -> tuple[str, bool]:
-    """The text, and whether invalid UTF-8 in it had to be replaced."""
+def text_encoding(head: bytes) -> str:
+    """The encoding the byte-order mark at the start of a text file announces; UTF-8 without one."""
+    return next((encoding for mark, encoding in BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8")
+
+
+def decoded_text(data: bytes) -> tuple[str, str]:
+    """A whole text file as it arrives (UTF-8, or UTF-8, UTF-16 or UTF-32 after a byte-order mark, which is
+    dropped) as text, and the repair made: `invalid_utf8_replaced` (or utf16, utf32) when bytes that are not
+    valid in the encoding had to be replaced, else ""."""
+    encoding = text_encoding(data)
     try:
-        return data.decode("utf-8"), False
+        return data.decode(encoding), ""
     except UnicodeDecodeError:
-        return data.decode("utf-8", errors="replace"), True
+        repair = f"invalid_{encoding.removesuffix('-sig').replace('-', '')}_replaced"
+        return data.decode(encoding, errors="replace"), repair
+
+
+def parse_json(text: str) -> tuple[object, str]:
+    """A JSON text's value, or None and why: `bad_json` (not JSON), or `json_over_limits` (JSON that Python's
+    parser refuses: an integer of more than 4300 digits, nesting deeper than the recursion limit)."""
+    try:
+        return json.loads(text), ""
+    except json.JSONDecodeError:
+        return None, "bad_json"
+    except (ValueError, RecursionError):
+        return None, "json_over_limits"
 
 
 def _json_rows(text: str, wanted: list[str]) -> tuple[list[str], list[tuple[object, object, str]]]:
     """The columns and (image, caption, skip reason) rows of a JSON-lines table; a line that is not a JSON
-    object is a row skipped as bad_json. Lines end at newlines only: JSON strings may hold U+2028 and the like."""
+    object is a row skipped as bad_json (or json_over_limits). Lines end at newlines only: JSON strings may hold
+    U+2028 and the like."""
     columns, rows = set(), []
     for line in text.split("\n"):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
+        record, reason = parse_json(line)
         if not isinstance(record, dict):
-            rows.append((None, None, "bad_json"))
+            rows.append((None, None, reason or "bad_json"))
             continue
         columns.update(record)
         rows.append((record.get(wanted[0]), record.get(wanted[1]), ""))
     return sorted(columns), rows
 
 
+def _log_skipped_rows(source_name: str, url: str, reasons: list[str]) -> None:
+    """One line naming the table and what of it will be skipped (the counts reach the manifest with the shards)."""
+    if counts := Counter(filter(None, reasons)):
+        log.warning("source %s: %s: rows skipped %s", source_name, url,
+                    ", ".join(f"{reason}: {count}" for reason, count in sorted(counts.items())))
+
+
+def _tsv_rows(text: str, wanted: list[str]) -> tuple[list[str], list[tuple[object, object, str]]]:
+    """The columns and (image, caption, skip reason) rows of a tab-separated table; a row the csv reader refuses
+    (a field past its 128 KiB limit) is skipped as bad_row and reading goes on at the next line."""
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t")
+    try:
+        columns = reader.fieldnames or []
+    except csv.Error:
+        columns = []
+    rows = []
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return columns, rows
+        except csv.Error:
+            rows.append((None, None, "bad_row"))
+            continue
+        rows.append((record.get(wanted[0]), record.get(wanted[1]), ""))
+
+
 def _read_table(source: TablePairSource) -> list[tuple[object, object, str, str]]:
     """(image path, caption, skip reason, repair) rows; a table without the configured columns is an error
-    before any work. Lines that are not JSON objects and text that is not UTF-8 are counted, not fatal."""
+    before any work. Unparsable lines and rows, text that is not valid in its encoding and a Parquet file that
+    cannot be read (one row skipped as unreadable_table, logged with the file) are counted, not fatal."""
     root, name = _split_url(source.table)
     data = open_storage(root).read_bytes(name)
     wanted = [source.image_column, source.caption_column]
+    repair = ""  # Arrow strings are valid UTF-8
     if name.endswith(".parquet"):
-        table = pyarrow.parquet.read_table(io.BytesIO(data))
-        columns = table.column_names
-        pairs = zip(*(table.column(c).to_pylist() for c in wanted)) if set(wanted) <= set(columns) else []
-        rows = [(image, caption, "") for image, caption in pairs]
-        replaced = False  # Arrow strings are valid UTF-8
-    elif name.endswith(".jsonl"):
-        text, replaced = _decoded(data)
-        columns, rows = _json_rows(text, wanted)
-    elif name.endswith(".tsv"):
-        text, replaced = _decoded(data)
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t")
-        columns = reader.fieldnames or []
-        rows = [(record.get(wanted[0]), record.get(wanted[1]), "") for record in reader]
+        try:
+            table = pyarrow.parquet.read_table(io.BytesIO(data))
+            columns = table.column_names
+            pairs = zip(*(table.column(c).to_pylist() for c in wanted)) if set(wanted) <= set(columns) else []
+            rows = [(image, caption, "") for image, caption in pairs]
+        except (pyarrow.ArrowException, ValueError, OSError) as error:
+            log.warning("source %s: %s skipped as unreadable_table (%s: %s)", source.name, source.table,
+                        type(error).__name__, error)
+            return [(None, None, "unreadable_table", "")]
+    elif name.endswith((".jsonl", ".tsv")):
+        text, repair = decoded_text(data)
+        columns, rows = (_json_rows if name.endswith(".jsonl") else _tsv_rows)(text, wanted)
     else:
         raise ValueError(f"source {source.name}: {source.table} is not a .parquet, .jsonl or .tsv table")
     missing = [column for column in wanted if column not in columns]
     if missing:
         raise ValueError(f"source {source.name}: {source.table} has no column {', '.join(map(repr, missing))} "
                          f"(columns: {', '.join(map(str, columns))}); set image_column / caption_column")
-    return [(image, caption, skipped, "invalid_utf8_replaced" if replaced and "\ufffd" in f"{image}{caption}" else "")
+    _log_skipped_rows(source.name, source.table, [skipped for _, _, skipped in rows])
+    return [(image, caption, skipped, repair if repair and "\ufffd" in f"{image}{caption}" else "")
             for image, caption, skipped in rows]
 
 
@@ -198,18 +267,43 @@ def list_pair_table(source: TablePairSource) -> list[PairItem]:
             for index, (image, caption, skipped, repaired) in enumerate(_read_table(source))]
 
 
+COCO_ID_TYPES = (int, str)
+
+
+def _coco_caption(annotation: object) -> tuple[object, object, str] | None:
+    """(id, image id, caption) of a well-formed caption annotation, else None."""
+    if not isinstance(annotation, dict):
+        return None
+    fields = annotation.get("id"), annotation.get("image_id"), annotation.get("caption") or ""
+    if type(fields[0]) not in COCO_ID_TYPES or type(fields[1]) not in COCO_ID_TYPES or not isinstance(fields[2], str):
+        return None
+    return fields
+
+
 def list_coco(source: CocoPairSource) -> list[PairItem]:
+    """Caption annotations in id order. A file the JSON parser refuses is one skip (unreadable_annotations,
+    logged); an annotation without an id, image id or text caption is skipped as bad_annotation; a document
+    without `images` and `annotations` lists is not COCO captions, an error before any work."""
     root, name = _split_url(source.annotations)
-    try:
-        document = json.loads(open_storage(root).read_bytes(name))
-        files = {image["id"]: image["file_name"] for image in document["images"]}
-        annotations = sorted(document["annotations"], key=lambda a: a["id"])
-        pairs = [(files.get(a["image_id"], ""), a.get("caption") or "") for a in annotations]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    document, reason = parse_json(decoded_text(open_storage(root).read_bytes(name))[0])
+    if reason:
+        log.warning("source %s: %s skipped as unreadable_annotations (%s)", source.name, source.annotations, reason)
+        return [PairItem(source.name, source.images, "", "", 0, skipped="unreadable_annotations")]
+    images, annotations = (document.get("images"), document.get("annotations")) if isinstance(document, dict) else (
+        None, None)
+    if not isinstance(images, list) or not isinstance(annotations, list):
         raise ValueError(f"source {source.name}: {source.annotations} is not COCO caption annotations "
-                         f"({type(error).__name__}: {error})") from None
-    return [PairItem(source.name, source.images, file, caption, index)
-            for index, (file, caption) in enumerate(pairs)]
+                         "(expected lists of 'images' and 'annotations')")
+    files = {image["id"]: image["file_name"] for image in images if isinstance(image, dict)
+             and type(image.get("id")) in COCO_ID_TYPES and isinstance(image.get("file_name"), str)}
+    captions = [_coco_caption(annotation) for annotation in annotations]
+    # Ids are ints in COCO; string ids sort after them, among themselves.
+    pairs = [(files.get(image_id, ""), caption, "") for _, image_id, caption in
+             sorted(filter(None, captions), key=lambda fields: (isinstance(fields[0], str), fields[0]))]
+    pairs += [("", "", "bad_annotation")] * captions.count(None)
+    _log_skipped_rows(source.name, source.annotations, [skipped for _, _, skipped in pairs])
+    return [PairItem(source.name, source.images, file, caption, index, skipped)
+            for index, (file, caption, skipped) in enumerate(pairs)]
 
 
 def list_pair_tars(source: WebDatasetPairSource) -> list[PairTar]:
@@ -224,6 +318,9 @@ def _chunks(items: list, size: int) -> list[tuple]:
 
 
 def plan_shards(config: DataConfig) -> list[ShardPlan]:
+    """Class-folder images and table or COCO pairs go to shards in a permutation of the listing seeded by
+    `seed`, so that a shard mixes its whole source rather than holding one class or one stretch of annotations
+    (the trainer shuffles only within a window of shards)."""
     images, image_tars, texts, pairs, pair_tars = [], [], [], [], []
     for source in config.sources:
         if isinstance(source, ImageNetSource):
@@ -239,6 +336,8 @@ def plan_shards(config: DataConfig) -> list[ShardPlan]:
         else:
             pair_tars += list_pair_tars(source)
     size = config.samples_per_shard
+    random.Random(f"{config.seed}/image").shuffle(images)
+    random.Random(f"{config.seed}/pair").shuffle(pairs)
     image_units = _chunks(images, size) + [(image_tar,) for image_tar in image_tars]
     plans = [ShardPlan("image", i, unit) for i, unit in enumerate(image_units)]
     plans += [ShardPlan("text", i, (text_file,)) for i, text_file in enumerate(texts)]

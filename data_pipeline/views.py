@@ -1,35 +1,68 @@
-"""Image views: the crop box and flip a precomputed code grid belongs to, chosen once and stored with it.
+"""Image views as BEiT v2 draws them, as pure functions of a seed.
 
-BEiT v2 takes one random-resized-crop box and resizes it twice, once for the model and once for the visual
-tokenizer. The pipeline chooses that box here, seeded per sample, runs the tokenizer on its tokenizer-sized
-resize, and stores the box so that the trainer can replay the same view for the model.
+BEiT v2 (`DataAugmentationForBEiT`) applies `ColorJitter(0.4, 0.4, 0.4)` and a horizontal flip to the whole
+image, then takes ONE random-resized-crop box and resizes it twice: the model's view (bicubic) and the visual
+tokenizer's view (Lanczos). Jitter and flip come first, so the tokenizer sees the same jittered, flipped pixels
+as the model. A `View` holds every random choice of that chain (the jitter operations in the order torchvision
+applies them, with their factors; the flip; the box), so that the pipeline can tokenize a view once and the
+trainer can replay exactly the same pixels for the model, or draw fresh views on the fly.
 """
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
+from pydantic import BaseModel, ConfigDict, Field
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+JITTER_OPERATIONS = {
+    "brightness": TF.adjust_brightness,
+    "contrast": TF.adjust_contrast,
+    "saturation": TF.adjust_saturation,
+}
+"""torchvision's ColorJitter with hue 0, as BEiT v2 configures it: these three, on PIL images."""
+
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "lanczos": InterpolationMode.LANCZOS,
+                  "bilinear": InterpolationMode.BILINEAR}
+
+
+class ViewSettings(BaseModel):
+    """How views are drawn and rendered; the defaults are those of BEiT v2's `run_beitv2_pretraining.py`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="Random-resized-crop area range.")
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_probability: float = Field(0.5, ge=0, le=1)
+    color_jitter: float = Field(0.4, ge=0, le=1, description="Brightness, contrast and saturation strength.")
+    model_interpolation: Literal["bicubic", "lanczos", "bilinear"] = "bicubic"
+    tokenizer_interpolation: Literal["bicubic", "lanczos", "bilinear"] = "lanczos"
 
 
 @dataclass(frozen=True)
 class View:
-    """A crop box in the stored (resized) image's pixels, and whether it is mirrored."""
+    """Every random choice of one view: jitter operations in the order applied, the flip, and the crop box in
+    the (flipped) stored image's pixels."""
 
     top: int
     left: int
     height: int
     width: int
     flip: bool
+    jitter: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"top": self.top, "left": self.left, "height": self.height, "width": self.width, "flip": self.flip,
+                "jitter": [[operation, factor] for operation, factor in self.jitter]}
 
     @classmethod
     def from_json(cls, data: dict) -> "View":
-        return cls(**{name: data[name] for name in ("top", "left", "height", "width", "flip")})
+        jitter = tuple((operation, float(factor)) for operation, factor in data.get("jitter", ()))
+        return cls(data["top"], data["left"], data["height"], data["width"], data["flip"], jitter)
 
 
 def resize_shorter_side(image: Image.Image, shorter_side: int) -> Image.Image:
@@ -62,21 +95,53 @@ def _crop_box(width: int, height: int, scale, ratio, rng: random.Random) -> tupl
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def choose_views(
-    image: Image.Image, count: int, seed: int, scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_probability: float = 0.5,
-) -> list[View]:
-    """`count` random-resized-crop views, a pure function of the seed (a private RNG: seeding torch's global
-    one costs milliseconds per image and would disturb the caller's)."""
+def _jitter(strength: float, rng: random.Random) -> tuple[tuple[str, float], ...]:
+    """ColorJitter's draw: the operations in a random order, each factor uniform in [1 - s, 1 + s]."""
+    if strength == 0:
+        return ()
+    operations = rng.sample(sorted(JITTER_OPERATIONS), len(JITTER_OPERATIONS))
+    return tuple((operation, rng.uniform(max(0.0, 1 - strength), 1 + strength)) for operation in operations)
+
+
+def draw_view(width: int, height: int, rng: random.Random, settings: ViewSettings) -> View:
+    """One view of a width x height image, drawn in BEiT v2's order: jitter, flip, crop box."""
+    jitter = _jitter(settings.color_jitter, rng)
+    flip = rng.random() < settings.flip_probability
+    top, left, crop_height, crop_width = _crop_box(width, height, settings.crop_scale, settings.crop_ratio, rng)
+    return View(top, left, crop_height, crop_width, flip, jitter)
+
+
+def choose_views(image: Image.Image, count: int, seed: int, settings: ViewSettings) -> list[View]:
+    """`count` views, a pure function of the seed (a private RNG: seeding torch's global one costs milliseconds
+    per image and would disturb the caller's)."""
     rng = random.Random(seed)
-    views = []
-    for _ in range(count):
-        top, left, height, width = _crop_box(image.width, image.height, scale, ratio, rng)
-        views.append(View(top, left, height, width, rng.random() < flip_probability))
-    return views
+    return [draw_view(image.width, image.height, rng, settings) for _ in range(count)]
 
 
-def render_view(image: torch.Tensor, view: View, size: int) -> torch.Tensor:
-    """The view of a [3, H, W] image resized to size x size: what the tokenizer (and later the model) sees."""
-    crop = TF.resized_crop(image, view.top, view.left, view.height, view.width, [size, size], antialias=True)
-    return TF.horizontal_flip(crop) if view.flip else crop
+def jittered_and_flipped(image: Image.Image, view: View) -> Image.Image:
+    """The whole image after the view's jitter and flip: what both of its crops are cut from."""
+    for operation, factor in view.jitter:
+        image = JITTER_OPERATIONS[operation](image, factor)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view.flip else image
+
+
+def crop_resized(prepared: Image.Image, view: View, size: int, interpolation: str) -> torch.Tensor:
+    """The view's box of a `jittered_and_flipped` image at size x size, as a [3, size, size] uint8 tensor."""
+    crop = TF.resized_crop(prepared, view.top, view.left, view.height, view.width, [size, size],
+                           INTERPOLATIONS[interpolation])
+    return TF.pil_to_tensor(crop)
+
+
+def render_view(image: Image.Image, view: View, size: int, interpolation: str) -> torch.Tensor:
+    """One render of a view of an RGB image: jitter, flip, crop and resize."""
+    return crop_resized(jittered_and_flipped(image, view), view, size, interpolation)
+
+
+def view_order(count: int, seed: int, epoch: int) -> int:
+    """Which of a sample's `count` stored views epoch `epoch` uses: the views are walked without replacement,
+    a new seeded permutation every `count` epochs, so no view repeats before all have been used."""
+    cycle, position = divmod(epoch, count)
+    order = list(range(count))
+    random.Random(f"{seed}/{cycle}").shuffle(order)
+    return order[position]
+

@@ -30,6 +30,11 @@ RUNTIME_RESERVE = 0.10
 communication buckets, allocator fragmentation. A run "fits" when its estimate stays below the rest."""
 LOG_PROB_BYTES = 4
 """The objective takes cross-entropy in fp32 (`logits.float()`), so the saved log-probabilities are fp32."""
+FP32_GRADIENT_BYTES = 4
+"""bf16 runs accumulate and reduce gradients in fp32 (train_config.FP32_GRADIENTS), in a buffer of 4 bytes per
+parameter it covers."""
+RECOMPUTED_SHARE = 1 / 3
+"""A forward is a third of a training step's FLOPs (backward is two): what a checkpointed layer adds to its cost."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class StageMemory:
     stage: int
     parameters: float
     gradients: float
+    fp32_gradients: float
     optimizer: float
     gathered_layer: float
     activations: float
@@ -85,7 +91,7 @@ class StageMemory:
 
     @property
     def model_states(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.gathered_layer
+        return self.parameters + self.gradients + self.fp32_gradients + self.optimizer + self.gathered_layer
 
     @property
     def total(self) -> float:
@@ -94,6 +100,17 @@ class StageMemory:
     @property
     def fits(self) -> bool:
         return self.total <= self.usable_bytes
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The fastest settings that fit the GPU under the recipe's ZeRO stage, and the step time they give."""
+
+    checkpoint_every: int
+    """0: no activation checkpointing."""
+    split: BatchSplit
+    memory: StageMemory
+    step_seconds: float
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ class RunPlan:
     activations_with_checkpointing: float
     memory: dict[int, StageMemory]
     recipe_stage: int
+    recommended: "Recommendation | None"
 
     @property
     def total_flops(self) -> float:
@@ -137,6 +155,11 @@ class RunPlan:
     @property
     def unpartitioned_model_states(self) -> float:
         return self.state_bytes.total * self.parameters.total
+
+    @property
+    def recipe_step_seconds(self) -> float:
+        """The step time with the recipe's own checkpointing recomputing forwards."""
+        return self.step_seconds * checkpointing_cost(self.model.layers, self.model.checkpoint_every_n_layers)
 
 
 def resolve_gpu(name: str | None, peak_tflops: float | None = None, memory_gb: float | None = None) -> Gpu:
@@ -190,7 +213,12 @@ def model_state_memory(parameters: int, largest_module: int, world_size: int, st
     stage 1 partitions the optimizer states over the ranks, stage 2 also the gradients, stage 3 also the
     weights, and then each rank also holds the largest module's weights and gradients gathered whole while it
     runs. Offloaded states live in CPU memory and cost the GPU nothing: offloading the optimizer also moves the
-    gradient partition (stages 2 and 3) to the CPU, where the optimizer consumes it."""
+    gradient partition (stages 2 and 3) to the CPU, where the optimizer consumes it.
+
+    bf16 runs sum gradients in fp32 (DeepSpeed 0.19), and the bf16 gradients are transient: ZeRO-1 without
+    offload moves each into a full fp32 buffer as soon as it is complete; ZeRO-2 and offloaded ZeRO-1 keep the
+    rank's partition in fp32 on the GPU; ZeRO-3 keeps its partitions in fp32, on the CPU when the optimizer is
+    offloaded."""
     per_parameter = state_bytes(precision)
     shards = {
         "parameters": world_size if stage >= 3 else 1,
@@ -204,8 +232,15 @@ def model_state_memory(parameters: int, largest_module: int, world_size: int, st
             memory["gradients"] = 0.0
     if offload_parameters:
         memory["parameters"] = 0.0
+    fp32_gradients = 0.0
+    if precision == "bf16":
+        if stage == 1 and not offload_optimizer:
+            fp32_gradients = FP32_GRADIENT_BYTES * parameters
+        elif not (stage == 3 and offload_optimizer):
+            fp32_gradients = FP32_GRADIENT_BYTES * parameters / world_size
+        memory["gradients"] = 0.0
     gathered = (per_parameter.parameters + per_parameter.gradients) * largest_module if stage >= 3 else 0.0
-    return {**memory, "gathered_layer": gathered}
+    return {**memory, "fp32_gradients": fp32_gradients, "gathered_layer": gathered}
 
 
 def activation_memory(config: PretrainConfig, micro: dict[str, int], checkpoint_every: int,
@@ -247,6 +282,39 @@ def activation_memory(config: PretrainConfig, micro: dict[str, int], checkpoint_
     return stack + pixels + final_norm + heads
 
 
+def checkpointing_cost(layers: int, checkpoint_every: int) -> float:
+    """Step time relative to no checkpointing: every checkpointed layer runs its forward again in backward."""
+    if not checkpoint_every:
+        return 1.0
+    return 1 + RECOMPUTED_SHARE * math.ceil(layers / checkpoint_every) / layers
+
+
+def recommend(config: PretrainConfig, cluster: Cluster, states: dict[str, float], step_seconds: float,
+              text_len: int = DEFAULT_TEXT_LEN, caption_len: int = DEFAULT_CAPTION_LEN) -> Recommendation | None:
+    """Over every micro-batch that splits the recipe's batch on the cluster and every checkpointing interval (off,
+    or every N layers), the fastest that fits under the recipe's ZeRO stage; at equal speed, the fewest
+    micro-steps. `step_seconds` is the step without recomputation. None when nothing fits."""
+    layers, usable = config.model.layers, cluster.gpu.memory_bytes * (1 - RUNTIME_RESERVE)
+    largest = max(config.batch.global_count(stream) for stream in STREAMS)
+    per_gpu = largest // cluster.world_size if largest % cluster.world_size == 0 else 0
+    best = None
+    for micro_batch in (size for size in range(1, per_gpu + 1) if per_gpu % size == 0):
+        try:
+            split = split_for_cluster(config.batch, cluster.world_size, micro_batch)
+        except ConfigError:
+            continue
+        for every in (0, *range(layers, 0, -1)):  # cheapest first: a larger interval checkpoints fewer layers
+            activations = activation_memory(config, split.micro, every, text_len, caption_len)
+            memory = StageMemory(stage=config.zero.stage, activations=activations, usable_bytes=usable, **states)
+            if memory.fits:
+                found = Recommendation(every, split, memory, step_seconds * checkpointing_cost(layers, every))
+                if best is None or (found.step_seconds, split.accumulation) < (best.step_seconds,
+                                                                               best.split.accumulation):
+                    best = found
+                break
+    return best
+
+
 def plan_run(config: PretrainConfig, cluster: Cluster, mfu: float = 0.4, micro_batch: int | None = None,
              text_len: int = DEFAULT_TEXT_LEN, caption_len: int = DEFAULT_CAPTION_LEN) -> RunPlan:
     """Memory per GPU for every ZeRO stage, tokens and FLOPs per step, and time at the given MFU."""
@@ -269,11 +337,13 @@ def plan_run(config: PretrainConfig, cluster: Cluster, mfu: float = 0.4, micro_b
     recipe_activations = with_checkpointing if model.checkpoint_every_n_layers else without
     largest_module = largest_module_parameters(model)
     usable = cluster.gpu.memory_bytes * (1 - RUNTIME_RESERVE)
-    memory = {}
+    memory, states = {}, {}
     for stage in ZERO_STAGES:
-        states = model_state_memory(parameters.total, largest_module, cluster.world_size, stage, config.precision,
-                                    config.zero.offload_optimizer, config.zero.offload_parameters and stage == 3)
-        memory[stage] = StageMemory(stage=stage, activations=recipe_activations, usable_bytes=usable, **states)
+        states[stage] = model_state_memory(parameters.total, largest_module, cluster.world_size, stage,
+                                           config.precision, config.zero.offload_optimizer,
+                                           config.zero.offload_parameters and stage == 3)
+        memory[stage] = StageMemory(stage=stage, activations=recipe_activations, usable_bytes=usable, **states[stage])
+    step_seconds = flops_per_step / (cluster.world_size * cluster.gpu.peak_flops * mfu)
     return RunPlan(
         recipe=config.name, model=model, cluster=cluster, precision=config.precision, parameters=parameters,
         active_parameters=active, split=split, batch=config.batch, tokens_per_sample=lengths,
@@ -281,11 +351,24 @@ def plan_run(config: PretrainConfig, cluster: Cluster, mfu: float = 0.4, micro_b
         state_bytes=state_bytes(config.precision), checkpoint_every=checkpoint_every,
         activations_without_checkpointing=without, activations_with_checkpointing=with_checkpointing,
         memory=memory, recipe_stage=config.zero.stage,
+        recommended=recommend(config, cluster, states[config.zero.stage], step_seconds, text_len, caption_len),
     )
 
 
 def _every(layers: int) -> str:
     return "every layer" if layers == 1 else f"every {layers} layers"
+
+
+def _format_recommendation(plan: RunPlan) -> str:
+    best = plan.recommended
+    if best is None:
+        return f"  fastest that fits: nothing fits under ZeRO-{plan.recipe_stage}, even checkpointing every layer " \
+               "with one sample per micro-step"
+    checkpointing = f"checkpointing {_every(best.checkpoint_every)}" if best.checkpoint_every else "no checkpointing"
+    micro = best.split.micro
+    return (f"  fastest that fits: ZeRO-{best.memory.stage}, {checkpointing}, micro-batch {micro['image']} + "
+            f"{micro['text']} + {micro['pair']} x {best.split.accumulation} accumulation: "
+            f"{best.memory.total / GB:.2f} GB, {best.step_seconds:.3f} s per step")
 
 
 def format_plan(plan: RunPlan) -> str:
@@ -323,6 +406,7 @@ def format_plan(plan: RunPlan) -> str:
     rows = [
         (f"parameters ({plan.state_bytes.parameters} B)", "parameters"),
         (f"gradients ({plan.state_bytes.gradients} B)", "gradients"),
+        (f"fp32 gradients ({FP32_GRADIENT_BYTES} B)", "fp32_gradients"),
         (f"optimizer ({plan.state_bytes.optimizer} B)", "optimizer"),
         ("gathered layer", "gathered_layer"),
         ("model states", "model_states"),
@@ -337,7 +421,9 @@ def format_plan(plan: RunPlan) -> str:
     lines += [
         f"  activations per micro-step: {plan.activations_without_checkpointing / GB:.2f} GB without checkpointing, "
         f"{plan.activations_with_checkpointing / GB:.2f} GB checkpointing {_every(plan.checkpoint_every)}",
-        f"  the recipe: ZeRO-{plan.recipe_stage}, {recipe_checkpointing}",
+        f"  the recipe: ZeRO-{plan.recipe_stage}, {recipe_checkpointing}, {plan.recipe_step_seconds:.3f} s per step "
+        f"at {plan.mfu:.0%} of peak (recomputed forwards included)",
+        _format_recommendation(plan),
         f"  fits: total within {1 - RUNTIME_RESERVE:.0%} of {gpu.memory_bytes / GB:,.0f} GB, the rest kept for the "
         "CUDA context, communication buckets and fragmentation",
     ]

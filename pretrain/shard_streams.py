@@ -10,17 +10,26 @@ uninterrupted one would:
   worker b mod W as that worker's (b div W)-th. Resuming after B micro-batches gives each worker the role it
   would have had and skips only within the one window where it stopped.
 
-Masks, the replayed view and colour jitter depend only on the run seed, the sample and the epoch.
+Masks and the view (the next of a sample's stored views, walked without replacement, or a fresh one drawn on
+the fly) depend only on the run seed, the sample and the epoch.
+
+Shard bytes are untrusted even when their sha256 matches: the digest comes from a manifest stored beside them.
+Every field is checked before use, against the shard format and the manifest's `contract` when the shard is
+read (`read_shard_samples`), and against the model when a sample is decoded (`SampleDecoder`); a violation is
+a ShardDataError naming the shard and the sample.
 """
 
 import hashlib
 import io
 import json
 import logging
+import math
 import random
 import re
 import tarfile
 import time
+import tokenize
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,14 +38,22 @@ import numpy as np
 import torch
 from botocore.exceptions import BotoCoreError
 from PIL import Image
+from pydantic import ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms.v2 import functional as TF
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
-from beit3.data_pipeline.manifest import MANIFEST_NAME
+from beit3.data_pipeline.manifest import MANIFEST_NAME, DataContract
 from beit3.data_pipeline.shards import KINDS
 from beit3.data_pipeline.storage import open_storage
-from beit3.data_pipeline.views import View, render_view
+from beit3.data_pipeline.views import (
+    JITTER_OPERATIONS,
+    View,
+    ViewSettings,
+    crop_resized,
+    draw_view,
+    jittered_and_flipped,
+    view_order,
+)
 from beit3.pretrain.masking import BlockMasking, TextMasking, masked_patch_count, sample_seed
 from beit3.tokenizers.text import PAD
 
@@ -47,6 +64,17 @@ SHARD_NAME = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9]{{6,}}(?:-[0-9]{{3}})?\.ta
 SHA256 = re.compile(r"[0-9a-f]{64}")
 REQUIRED_FIELDS = {"image": {"jpg", "views.json"}, "pair": {"jpg", "views.json", "ids.npy"}, "text": {"ids.npy"}}
 """What every sample of a shard of each kind holds (see beit3.data_pipeline.shards)."""
+STORED_IDS = np.dtype("<u2")
+"""The dtype of every stored `.npy` (ids and codes), as `beit3.data_pipeline.shards` writes it."""
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+NPY_HEADER_ERRORS = (ValueError, tokenize.TokenError)
+"""What numpy's header readers raise on a damaged header (an unclosed bracket fails in the tokenizer that first
+filters version 1 and 2 headers)."""
+VIEW_FIELDS = set(View.__dataclass_fields__)
+TAR_PARSE_ERRORS = (tarfile.TarError, EOFError, ValueError, IndexError, OverflowError)
+"""What Python's tarfile raises on damaged headers: its own errors, and others from fields it parses unchecked."""
+IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises on bytes that are not a whole image."""
 
 
 class ShardDataError(ValueError):
@@ -59,6 +87,7 @@ class ShardRef:
     name: str
     samples: int
     sha256: str
+    contract: DataContract = DataContract()
 
     @property
     def url(self) -> str:
@@ -79,12 +108,20 @@ class StreamSettings:
     mask_pair_images: bool = True
     text_rate: float = 0.15
     caption_rate: float = 0.5
-    color_jitter: float = 0.4
+    views: ViewSettings = ViewSettings()
+    """How stored views are rendered, and fresh ones drawn on the fly (`augment`)."""
     tokenizer_view_size: int | None = None
+    """Set when the tokenizer runs on the fly: the size of its render of each fresh view."""
     shuffle_window_shards: int = 4
     verify_sha256: bool = True
     read_attempts: int = 8
     read_backoff_seconds: float = 1.0
+    text_vocab_size: int = 2**16
+    """Ids must be below it: the text tokenizer's vocabulary (default: any id the stored uint16 holds)."""
+    codebook_size: int = 2**16
+    """Stored codes must be below it: the model's visual vocabulary."""
+    max_text_len: int = 2**16
+    """Longest text the model's position table serves."""
 
 
 def read_manifest(dataset: str) -> tuple[dict, str]:
@@ -95,8 +132,8 @@ def read_manifest(dataset: str) -> tuple[dict, str]:
     data = storage.read_bytes(MANIFEST_NAME)
     try:
         return json.loads(data), hashlib.sha256(data).hexdigest()
-    except json.JSONDecodeError as error:
-        raise ShardDataError(f"{storage.url(MANIFEST_NAME)}: not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # bad UTF-8, an over-long number, nesting past the limit too
+        raise ShardDataError(f"{storage.url(MANIFEST_NAME)}: not valid JSON ({_one_line(error)})") from None
 
 
 @dataclass(frozen=True)
@@ -105,6 +142,8 @@ class DatasetIndex:
     """Per kind (image, text, pair), every non-empty shard, checked to exist, in a fixed order."""
     manifest_digests: dict[str, str]
     """Per dataset, the sha256 of its manifest's bytes (recorded by runs to detect a changed dataset)."""
+    contracts: dict[str, DataContract]
+    """Per dataset, its manifest's `contract` as recorded (see beit3.pretrain.data_contract)."""
 
 
 def _entry_problem(entry: object) -> str | None:
@@ -136,22 +175,37 @@ def _manifest_shards(dataset: str, manifest: object) -> list[dict]:
     return [entry for entry in entries if entry["samples"] > 0]
 
 
+def _manifest_contract(dataset: str, manifest: dict) -> DataContract:
+    """The manifest's `contract`, each field checked against its schema (a manifest written before it was has
+    none)."""
+    try:
+        return DataContract.model_validate_json(json.dumps(manifest.get("contract", {})))
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        field = f"{where}: " if where else ""
+        raise ShardDataError(f"{dataset}: the manifest's contract: {field}{problem['msg']} (got "
+                             f"{_one_line(repr(problem.get('input')))[:60]})") from None
+
+
 def index_datasets(datasets: list[str]) -> DatasetIndex:
     """Each dataset's manifest read and checked once, and its storage listed once (one listing is many requests
     on S3)."""
     shards: dict[str, list[ShardRef]] = {kind: [] for kind in KINDS}
-    digests = {}
+    digests, contracts = {}, {}
     for dataset in datasets:
         manifest, digests[dataset] = read_manifest(dataset)
         listed = _manifest_shards(dataset, manifest)
+        contract = _manifest_contract(dataset, manifest)
         stored = set(open_storage(dataset).list()) if listed else set()
         missing = [entry["name"] for entry in listed if entry["name"] not in stored]
         if missing:
             raise ShardDataError(f"{dataset}: {len(missing)} shard(s) named in the manifest are missing, e.g. "
                                  f"{', '.join(missing[:3])}")
         for entry in listed:
-            shards[entry["kind"]].append(ShardRef(dataset, entry["name"], entry["samples"], entry["sha256"]))
-    return DatasetIndex(shards, digests)
+            shards[entry["kind"]].append(ShardRef(dataset, entry["name"], entry["samples"], entry["sha256"], contract))
+        contracts[dataset] = contract
+    return DatasetIndex(shards, digests, contracts)
 
 
 def shards_for_worker(shards: list[ShardRef], seed: int, stream: str, epoch: int, rank: int, world_size: int,
@@ -180,40 +234,192 @@ def read_shard_bytes(ref: ShardRef, attempts: int = 8, backoff_seconds: float = 
     raise AssertionError("unreachable")
 
 
+def _one_line(text: object) -> str:
+    """A message on one line, cut short: messages quote untrusted bytes."""
+    return " ".join(str(text).split())[:200]
+
+
+def _shown(key: str) -> str:
+    """A sample key as an error names it: as it is when printable, else escaped."""
+    return key if key.isprintable() and len(key) <= 120 else f"{key!r:.120}"
+
+
+def _member_problem(member: tarfile.TarInfo, shard_bytes: int) -> str | None:
+    """What keeps a tar member from being a sample field, from its header alone: anything but a plain regular
+    file (a sparse one expands to whatever size it declares), or a size beyond the bytes that follow."""
+    if member.issparse():
+        return "is a sparse file"
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return f"is not a regular file (tar type {member.type!r})"
+    available = shard_bytes - member.offset_data
+    if not 0 <= member.size <= available:
+        return f"declares {member.size:,} bytes but {max(available, 0):,} follow its header"
+    return None
+
+
+def _tar_members(ref: ShardRef, data: bytes) -> list[dict]:
+    """The shard's members as webdataset's tar expander gives them (name, bytes, url), each header checked
+    before its data is touched."""
+    members, problem = [], None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            for member in archive:
+                problem = _member_problem(member, len(data))
+                if problem:
+                    problem = f"member {member.name!r:.80} {problem}"
+                    break
+                start = member.offset_data
+                members.append({"fname": member.name, "data": data[start : start + member.size], "__url__": ref.url})
+    except TAR_PARSE_ERRORS as error:
+        raise ShardDataError(f"{ref.url}: not a whole tar, truncated or damaged ({_one_line(error)})") from None
+    if problem:
+        raise ShardDataError(f"{ref.url}: {problem}")
+    return members
+
+
 def _shard_entries(ref: ShardRef, data: bytes) -> list[dict]:
-    """The shard's tar entries grouped by key (as WebDataset reads them). A cut-short or damaged tar, a member
-    name twice or a key in two places is a ShardDataError naming the shard: the checks that matter with
-    verify_sha256 off, since tar readers stop quietly where a cut falls between members."""
+    """The shard's tar entries grouped by key (as WebDataset groups them). A cut-short or damaged tar, a member
+    that is not a plain file or declares more bytes than there are, a member name twice or a key in two places
+    is a ShardDataError naming the shard: the checks that matter with verify_sha256 off, since tar readers stop
+    quietly where a cut falls between members."""
     if not data.endswith(bytes(2 * tarfile.BLOCKSIZE)):
         raise ShardDataError(f"{ref.url}: truncated (it does not end with a tar's two zero blocks)")
+    members = _tar_members(ref, data)
     try:
-        entries = list(group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": ref.url}])))
-    except (tarfile.TarError, EOFError) as error:
-        reason = str(error.args[0] if error.args else error).split(" @ ")[0]  # webdataset appends the stream
-        raise ShardDataError(f"{ref.url}: not a whole tar, truncated or damaged ({reason})") from None
+        entries = list(group_by_keys(iter(members)))
     except ValueError as error:  # webdataset's group_by_keys: a member name seen twice in a row
         reason = str(error.args[0] if error.args else error).split(" dict_keys")[0]
-        raise ShardDataError(f"{ref.url}: duplicate member ({reason})") from None
+        raise ShardDataError(f"{ref.url}: duplicate member ({_one_line(reason)})") from None
     twice = sorted(key for key, count in Counter(entry["__key__"] for entry in entries).items() if count > 1)
     if twice:
-        raise ShardDataError(f"{ref.url}: duplicate sample key {twice[0]!r} (members of one sample in two places)")
+        raise ShardDataError(f"{ref.url}: duplicate sample key {twice[0]!r:.120} (members of one sample in two "
+                             "places)")
     return entries
 
 
-def _text_block(ref: ShardRef, entry: dict) -> np.ndarray:
-    """A text entry's [segments, text_len] block of ids."""
+class _OutOfContract(Exception):
+    """A stored field that breaks the shard format or the manifest's contract; the reader names the sample."""
+
+
+def _stored_array(field: str, data: bytes, layout: tuple[str, ...]) -> np.ndarray:
+    """A `.npy` member as a read-only uint16 array laid out as `layout`. Its header is parsed with numpy's format
+    helpers and checked before anything is allocated: the shape it declares must account for exactly the bytes
+    that follow, so a few bytes that claim gigabytes are refused unread."""
+    stream = io.BytesIO(data)
     try:
-        block = np.load(io.BytesIO(entry["ids.npy"]), allow_pickle=False)
-    except ValueError as error:
-        raise ShardDataError(f"{ref.url}: {entry['__key__']}.ids.npy is not a readable array ({error})") from None
-    if block.ndim != 2:
-        raise ShardDataError(f"{ref.url}: {entry['__key__']}.ids.npy has shape {block.shape}, not [segments, length]")
+        version = np.lib.format.read_magic(stream)
+        if version not in NPY_HEADER_READERS:
+            raise ValueError(f"format version {version[0]}.{version[1]}")
+        shape, fortran_order, dtype = NPY_HEADER_READERS[version](stream)
+    except NPY_HEADER_ERRORS as error:
+        raise _OutOfContract(f"{field} is not a .npy array ({_one_line(error)})") from None
+    if dtype != STORED_IDS or fortran_order:
+        raise _OutOfContract(f"{field} holds {dtype!s:.40} values{' in Fortran order' if fortran_order else ''}, "
+                             "not uint16 in C order")
+    if len(shape) != len(layout) or any(size < 1 for size in shape):  # every field has at least one of each
+        raise _OutOfContract(f"{field} has shape {shape!s:.80}, not [{', '.join(layout)}]")
+    count, held = math.prod(shape), len(data) - stream.tell()
+    if count * STORED_IDS.itemsize != held:
+        raise _OutOfContract(f"{field} declares a {'x'.join(map(str, shape)):.80} uint16 array "
+                             f"({count * STORED_IDS.itemsize:,} bytes) but holds {held:,} bytes")
+    return np.frombuffer(data, STORED_IDS, count=count, offset=stream.tell()).reshape(shape)
+
+
+def _text_block(data: bytes, contract: DataContract) -> np.ndarray:
+    """A text entry's [segments, text_len] block of ids."""
+    block = _stored_array("ids.npy", data, ("segments", "length"))
+    segments, length = block.shape
+    if length < 2 or contract.text_len not in (None, length):
+        raise _OutOfContract(f"ids.npy is {segments} segment(s) of {length} ids, not of "
+                             f"{contract.text_len or '2 or more'} (text_len)")
     return block
+
+
+def _caption(data: bytes, contract: DataContract) -> np.ndarray:
+    """A pair's caption ids: bos ... eos, at most caption_len."""
+    ids = _stored_array("ids.npy", data, ("length",))
+    longest = contract.caption_len or math.inf
+    if not 2 <= len(ids) <= longest:
+        raise _OutOfContract(f"ids.npy holds a caption of {len(ids)} ids, not 2 (bos, eos) to {longest} "
+                             "(caption_len)")
+    return ids
+
+
+def _stored_image_size(data: bytes, contract: DataContract) -> tuple[int, int]:
+    """The stored JPEG's width and height, read from its header (nothing decoded), within the stored images'
+    bounds: the pipeline never stores more pixels than an input may have, nor upscales past the shorter side.
+    PIL's own warning about large images is silenced: the bounds below decide."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+                width, height = image.size
+    except IMAGE_DECODE_ERRORS as error:
+        raise _OutOfContract(f"jpg does not open as a JPEG image ({_one_line(error)})") from None
+    if width * height > contract.max_pixels or min(width, height) > (contract.shorter_side or math.inf):
+        raise _OutOfContract(f"jpg is a {width}x{height} image, beyond the stored images' bounds (shorter side at "
+                             f"most {contract.shorter_side}, at most {contract.max_pixels:,} pixels)")
+    return width, height
+
+
+def _jitter_problem(jitter: object) -> str | None:
+    """What is wrong with a view's jitter: a list of distinct [operation, factor] pairs, each factor finite in
+    [0, 2] (ColorJitter's range for strengths up to 1)."""
+    if not isinstance(jitter, list) or len(jitter) > len(JITTER_OPERATIONS):
+        return "jitter is not a list of [operation, factor] pairs"
+    operations = [pair[0] if isinstance(pair, list) and len(pair) == 2 else None for pair in jitter]
+    if any(operation not in JITTER_OPERATIONS for operation in operations) or len(set(operations)) != len(jitter):
+        return f"jitter operations must be distinct ones of {', '.join(JITTER_OPERATIONS)}"
+    if not all(type(factor) in (int, float) and 0 <= factor <= 2 for _, factor in jitter):
+        return "jitter factors must be numbers in [0, 2]"
+    return None
+
+
+def _views(data: bytes, width: int, height: int, contract: DataContract) -> list[View]:
+    """The stored views: crop boxes of positive size inside the stored image, each with a flip."""
+    try:
+        views = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise _OutOfContract(f"views.json is not JSON ({_one_line(error)})") from None
+    count = contract.views_per_image
+    if not isinstance(views, list) or not views or count not in (None, len(views)):
+        raise _OutOfContract(f"views.json is not a list of {count or 'one or more'} views (views_per_image)")
+    for index, view in enumerate(views):
+        if not (isinstance(view, dict) and view.keys() == VIEW_FIELDS and isinstance(view["flip"], bool)
+                and all(type(view[name]) is int for name in ("top", "left", "height", "width"))
+                and _jitter_problem(view["jitter"]) is None):
+            raise _OutOfContract(f"views.json view {index} {view!r:.120} is not a crop box (integers top, left, "
+                                 "height, width) with a flip (a bool) and colour jitter "
+                                 f"({_jitter_problem(view.get('jitter')) if isinstance(view, dict) else 'none'})")
+        if not (view["top"] >= 0 and view["left"] >= 0 and 0 < view["height"] <= height - view["top"]
+                and 0 < view["width"] <= width - view["left"]):
+            raise _OutOfContract(f"views.json view {index} {view!r:.120} is not a box of positive size inside the "
+                                 f"{width}x{height} stored image")
+    return [View.from_json(view) for view in views]
+
+
+def _checked_fields(kind: str, entry: dict, contract: DataContract) -> dict:
+    """A tar entry's fields decoded and checked against the shard format and the manifest's contract (the
+    model's own limits are checked by SampleDecoder); `__url__` and `__key__` name it in later errors."""
+    fields = {"__url__": entry["__url__"], "__key__": _shown(entry["__key__"])}
+    if kind == "text":
+        return {**fields, "ids": _text_block(entry["ids.npy"], contract)}
+    width, height = _stored_image_size(entry["jpg"], contract)
+    fields.update(jpg=entry["jpg"], views=_views(entry["views.json"], width, height, contract))
+    if "codes.npy" in entry:
+        fields["codes"] = _stored_array("codes.npy", entry["codes.npy"], ("views", "rows", "cols"))
+        if len(fields["codes"]) != len(fields["views"]):
+            raise _OutOfContract(f"codes.npy holds codes of {len(fields['codes'])} views, views.json "
+                                 f"{len(fields['views'])}")
+    if kind == "pair":
+        fields["ids"] = _caption(entry["ids.npy"], contract)
+    return fields
 
 
 def read_shard_samples(ref: ShardRef, verify_sha256: bool, attempts: int = 8,
                        backoff_seconds: float = 1.0) -> list[tuple[str, dict]]:
-    """(key, fields) per training sample of one shard; a text entry's block gives one sample per segment."""
+    """(key, checked fields) per training sample of one shard; a text entry's block gives one sample per
+    segment."""
     data = read_shard_bytes(ref, attempts, backoff_seconds)
     if verify_sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
         raise ShardDataError(f"{ref.url}: sha256 differs from the manifest's (the shard was altered or truncated)")
@@ -223,31 +429,30 @@ def read_shard_samples(ref: ShardRef, verify_sha256: bool, attempts: int = 8,
         key = f"{ref.name}/{entry['__key__']}"
         missing = REQUIRED_FIELDS[kind] - entry.keys()
         if missing:
-            raise ShardDataError(f"{ref.url}: sample {entry['__key__']} has no {', '.join(sorted(missing))} (the "
-                                 "shard was truncated or altered)")
+            raise ShardDataError(f"{ref.url}: sample {_shown(entry['__key__'])} has no {', '.join(sorted(missing))} "
+                                 "(the shard was truncated or altered)")
+        try:
+            fields = _checked_fields(kind, entry, ref.contract)
+        except _OutOfContract as problem:
+            raise ShardDataError(f"{ref.url}: sample {_shown(entry['__key__'])}: {problem}") from None
         if kind == "text":
-            block = _text_block(ref, entry)
-            samples += [(f"{key}/{row}", {"ids": block[row]}) for row in range(block.shape[0])]
+            samples += [(f"{key}/{row}", {**fields, "__key__": f"{fields['__key__']}/{row}", "ids": ids})
+                        for row, ids in enumerate(fields["ids"])]
         else:
-            samples.append((key, entry))
+            samples.append((key, fields))
     if len(samples) != ref.samples:
         raise ShardDataError(f"{ref.url}: holds {len(samples)} samples, the manifest says {ref.samples} (the shard "
                              "was truncated or altered)")
     return samples
 
 
-def _jitter(pixels: torch.Tensor, strength: float, rng: random.Random) -> torch.Tensor:
-    """Brightness, contrast and saturation factors drawn from [1 - s, 1 + s], applied in that order."""
-    if strength == 0:
-        return pixels
-    low, high = max(0.0, 1 - strength), 1 + strength
-    pixels = TF.adjust_brightness(pixels, rng.uniform(low, high))
-    pixels = TF.adjust_contrast(pixels, rng.uniform(low, high))
-    return TF.adjust_saturation(pixels, rng.uniform(low, high))
+def _sample_error(fields: dict, problem: str) -> ShardDataError:
+    return ShardDataError(f"{fields['__url__']}: sample {fields['__key__']}: {problem}")
 
 
 class SampleDecoder:
-    """Stored fields -> model inputs for one sample: the replayed view, its codes, masks and ids."""
+    """Checked fields (see `read_shard_samples`) -> model inputs for one sample: the replayed view, its codes,
+    masks and ids, each checked against what the model takes before use."""
 
     def __init__(self, settings: StreamSettings):
         self.settings = settings
@@ -255,28 +460,54 @@ class SampleDecoder:
         self.text_masking = TextMasking(settings.text_rate, settings.mask_id)
         self.caption_masking = TextMasking(settings.caption_rate, settings.mask_id)
 
+    def _codes(self, fields: dict, choice: int) -> torch.Tensor:
+        s, codes = self.settings, fields["codes"]
+        if codes.shape[1:] != (s.grid, s.grid):
+            raise _sample_error(fields, f"stored codes are a {codes.shape[1]}x{codes.shape[2]} grid but the model has "
+                                f"{s.grid}x{s.grid} patches; rebuild the shards with image.tokenizer_view_size set "
+                                f"to {s.grid} x the tokenizer's patch size, or use data.visual_codes: on_the_fly")
+        if codes.max() >= s.codebook_size:
+            raise _sample_error(fields, f"codes.npy holds code {codes.max()} but the model's visual vocabulary has "
+                                f"{s.codebook_size} codes (model.visual_vocab_size)")
+        return torch.from_numpy(codes[choice].reshape(-1).astype(np.int64))
+
+    def _ids(self, fields: dict) -> np.ndarray:
+        s, ids = self.settings, fields["ids"]
+        if len(ids) > s.max_text_len:
+            raise _sample_error(fields, f"ids.npy holds {len(ids)} ids but the model's text positions serve "
+                                f"{s.max_text_len} (model.text_positions)")
+        if ids.max() >= s.text_vocab_size:
+            raise _sample_error(fields, f"ids.npy holds id {ids.max()} but the text tokenizer has "
+                                f"{s.text_vocab_size} ids (data.text_tokenizer: the one the shards were built with?)")
+        return ids.astype(np.int64)
+
     def _image(self, key: str, fields: dict, epoch: int, masked: bool) -> dict:
+        """The model's render of this epoch's view; with stored codes, the next of the sample's stored views
+        (walked without replacement) and its codes; on the fly, a fresh view whose tokenizer render is cut from
+        the same jittered, flipped pixels."""
         s = self.settings
-        rng = random.Random(sample_seed(s.seed, s.stream, key, epoch, "view"))
-        views = [View.from_json(v) for v in json.loads(fields["views.json"])]
-        choice = rng.randrange(len(views))
-        with Image.open(io.BytesIO(fields["jpg"])) as image:
-            stored = TF.pil_to_tensor(image.convert("RGB"))
-        view = render_view(stored, views[choice], s.image_size)
-        pixels = _jitter(view.float() / 255, s.color_jitter, rng)
-        out = {"image": (pixels - IMAGE_MEAN) / IMAGE_STD}
+        try:
+            with Image.open(io.BytesIO(fields["jpg"]), formats=["JPEG"]) as image:
+                stored = image.convert("RGB")
+        except IMAGE_DECODE_ERRORS as error:
+            raise _sample_error(fields, f"jpg does not decode ({_one_line(error)})") from None
         if s.tokenizer_view_size:
-            out["tokenizer_image"] = render_view(stored, views[choice], s.tokenizer_view_size).float() / 255
-        elif "codes.npy" in fields:
-            codes = np.load(io.BytesIO(fields["codes.npy"]), allow_pickle=False)[choice]
-            if codes.shape != (s.grid, s.grid):
-                raise ShardDataError(
-                    f"{key}: stored codes are a {codes.shape[0]}x{codes.shape[1]} grid but the model has "
-                    f"{s.grid}x{s.grid} patches; rebuild the shards with image.tokenizer_view_size set to "
-                    f"{s.grid} x the tokenizer's patch size, or use data.visual_codes: on_the_fly")
-            out["codes"] = torch.from_numpy(codes.reshape(-1).astype(np.int64))
+            rng = random.Random(sample_seed(s.seed, s.stream, key, epoch, "view"))
+            view = draw_view(stored.width, stored.height, rng, s.views)
+            choice = None
+        elif "codes" in fields:
+            choice = view_order(len(fields["views"]), sample_seed(s.seed, s.stream, key, "views"), epoch)
+            view = fields["views"][choice]
         else:
-            raise ShardDataError(f"{key}: the shards hold no visual codes; set data.visual_codes: on_the_fly")
+            raise _sample_error(fields, "the shards hold no visual codes; set data.visual_codes: on_the_fly")
+        prepared = jittered_and_flipped(stored, view)
+        pixels = crop_resized(prepared, view, s.image_size, s.views.model_interpolation).float() / 255
+        out = {"image": (pixels - IMAGE_MEAN) / IMAGE_STD}
+        if choice is None:
+            out["tokenizer_image"] = crop_resized(prepared, view, s.tokenizer_view_size,
+                                                  s.views.tokenizer_interpolation).float() / 255
+        else:
+            out["codes"] = self._codes(fields, choice)
         if masked:
             out["image_mask"] = torch.from_numpy(
                 self.block_masking(sample_seed(s.seed, s.stream, key, epoch, "mask")).reshape(-1))
@@ -285,12 +516,12 @@ class SampleDecoder:
     def __call__(self, key: str, fields: dict, epoch: int) -> dict:
         s = self.settings
         if s.stream == "text":
-            return {"ids": np.asarray(fields["ids"], dtype=np.int64), "masking": self.text_masking,
+            return {"ids": self._ids(fields), "masking": self.text_masking,
                     "mask_seed": sample_seed(s.seed, s.stream, key, epoch, "text")}
         sample = self._image(key, fields, epoch, masked=s.stream == "image" or s.mask_pair_images)
         if s.stream == "pair":
-            sample.update(ids=np.load(io.BytesIO(fields["ids.npy"]), allow_pickle=False).astype(np.int64),
-                          masking=self.caption_masking, mask_seed=sample_seed(s.seed, s.stream, key, epoch, "text"))
+            sample.update(ids=self._ids(fields), masking=self.caption_masking,
+                          mask_seed=sample_seed(s.seed, s.stream, key, epoch, "text"))
         return sample
 
 

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from beit3.config import ConfigError, read_config_mapping, validate_config
+from beit3.data_pipeline.views import ViewSettings
 from beit3.pretrain.model_config import ModelConfig
 from beit3.redaction import redact_urls
 from beit3.tokenizers.visual import VisualTokenizerConfig
@@ -53,10 +54,6 @@ class MaskingSettings(_Strict):
     mask_pair_images: bool = Field(True, description="Also mask the image of an image-text pair (as VL-BEiT).")
     text_rate: float = Field(0.15, gt=0, le=1)
     caption_rate: float = Field(0.5, gt=0, le=1)
-
-
-class AugmentSettings(_Strict):
-    color_jitter: float = Field(0.4, ge=0, description="Brightness, contrast and saturation strength.")
 
 
 class LossWeights(_Strict):
@@ -106,7 +103,8 @@ class PretrainConfig(_Strict):
     data: DataSettings
     batch: BatchSettings = BatchSettings()
     masking: MaskingSettings = MaskingSettings()
-    augment: AugmentSettings = AugmentSettings()
+    augment: ViewSettings = Field(ViewSettings(), description="How views are drawn on the fly and rendered; "
+                                  "with stored codes, the data build's view settings, which preflight checks.")
     loss_weights: LossWeights = LossWeights()
     optimizer: OptimizerSettings = OptimizerSettings()
     zero: ZeroSettings = ZeroSettings()
@@ -156,6 +154,20 @@ def split_batch(batch: BatchSettings, world_size: int) -> BatchSplit:
     return BatchSplit(micro, batch.gradient_accumulation, world_size)
 
 
+FP32_GRADIENTS = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+"""Under bf16 DeepSpeed (0.19) otherwise adds micro-step gradients and reduces them over ranks in bf16, where a
+contribution below 1/256 of the running sum rounds away. With these two settings every ZeRO stage, with or
+without optimizer offload, keeps the sums in fp32: ZeRO-1 switches to DeepSpeed's BF16 optimizer (a full fp32
+gradient buffer per rank), ZeRO-2 adds each reduced gradient into an fp32 buffer of the rank's partition, ZeRO-3
+into its fp32 gradient partitions; the reductions themselves are cast to fp32 first. Each micro-step's own
+gradient is still computed in bf16 by autograd."""
+BF16 = {"enabled": True, "immediate_grad_update": True}
+"""A micro-step runs three forwards (one per stream) and one backward. DeepSpeed's BF16 optimizer (ZeRO-1) clears
+the bf16 gradients as backward reaches each forward's outputs, which drops the gradients of parameters the
+later-reached forwards do not use (the text embedding and MLM head behind the image forward); moving each
+gradient into the fp32 buffer as soon as it is complete leaves nothing for those clears to drop."""
+
+
 def deepspeed_config(config: PretrainConfig, split: BatchSplit) -> dict:
     """The DeepSpeed JSON for this run. Micro-batch size counts images: the three streams are ours to size."""
     zero: dict = {"stage": config.zero.stage}
@@ -167,7 +179,8 @@ def deepspeed_config(config: PretrainConfig, split: BatchSplit) -> dict:
         "train_micro_batch_size_per_gpu": max(1, split.micro["image"]),
         "gradient_accumulation_steps": split.accumulation,
         "gradient_clipping": config.optimizer.gradient_clipping,
-        "bf16": {"enabled": config.precision == "bf16"},
+        "bf16": BF16 if config.precision == "bf16" else {"enabled": False},
+        **(FP32_GRADIENTS if config.precision == "bf16" else {}),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

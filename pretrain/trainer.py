@@ -22,6 +22,7 @@ import yaml
 
 from beit3.config import ConfigError
 from beit3.data_pipeline.storage import local_copy
+from beit3.pretrain.data_contract import check_data_contract
 from beit3.pretrain.checkpoints import (
     UNIVERSAL,
     CheckpointError,
@@ -45,7 +46,7 @@ from beit3.pretrain.masking import sample_seed
 from beit3.pretrain.metrics_sink import DiscardingSink, MetricsSink, MlflowSink, flatten, tracking_uri
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
-from beit3.pretrain.objective import masked_prediction
+from beit3.pretrain.objective import masked_counts, masked_prediction
 from beit3.pretrain.optimization import build_optimizer, learning_rate
 from beit3.pretrain.planner import KNOWN_GPUS
 from beit3.pretrain.shard_streams import (
@@ -106,13 +107,12 @@ class StepTotals:
     loss: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
     correct: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
     predicted: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
-    losses_seen: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
     tokens: dict = field(default_factory=lambda: dict.fromkeys(("image", "text", "pair"), 0.0))
     keys: list[str] = field(default_factory=list)
 
     def as_tensor(self, device: torch.device) -> torch.Tensor:
         values = [self.loss[c] for c in COMPONENTS] + [self.correct[c] for c in COMPONENTS]
-        values += [self.predicted[c] for c in COMPONENTS] + [self.losses_seen[c] for c in COMPONENTS]
+        values += [self.predicted[c] for c in COMPONENTS]
         values += list(self.tokens.values())
         return torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in values])
 
@@ -133,6 +133,40 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype, visua
     return moved
 
 
+PHASES = ("data_wait", "compute", "optimizer", "other")
+
+
+class PhaseClock:
+    """Seconds spent in each phase of the steps, from laps: a lap ends the running phase and starts the next.
+    On CUDA a lap records an event and the durations are read once the step's single host synchronisation (the
+    metrics reduction) has passed them; on CPU a lap is the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.events = device.type == "cuda"
+        self.laps: list[tuple[str, object, object]] = []
+        self.last = self._now()
+
+    def _now(self):
+        if not self.events:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, phase: str) -> None:
+        now = self._now()
+        self.laps.append((phase, self.last, now))
+        self.last = now
+
+    def seconds(self) -> dict[str, float]:
+        """The phases' seconds since the previous call (the laps it returns are forgotten)."""
+        spent = dict.fromkeys(PHASES, 0.0)
+        for phase, start, end in self.laps:
+            spent[phase] += start.elapsed_time(end) / 1000 if self.events else end - start
+        self.laps = []
+        return spent
+
+
 class Trainer:
     """One optimizer step at a time over the three streams; the loop and checkpoints live in `train()`."""
 
@@ -146,24 +180,48 @@ class Trainer:
         self.visual_tokenizer = visual_tokenizer
         self.weights = config.loss_weights.model_dump()
         self.float_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        self.clock = PhaseClock(device)
 
     def train_step(self) -> StepTotals:
+        """Draw the step's micro-batches, count each objective's masked tokens over all ranks and micro-steps,
+        then run them: a micro-batch's summed cross-entropy over that global count makes every masked token of
+        the step weigh the same, whatever the lengths in its micro-batch."""
+        self.clock.lap("other")
         totals = StepTotals()
-        for _ in range(self.split.accumulation):
+        micro_steps = [{stream: next(iterator) for stream, iterator in self.streams.items()}
+                       for _ in range(self.split.accumulation)]
+        self.clock.lap("data_wait")
+        scales = self._loss_scales(micro_steps)
+        for batches in micro_steps:
             loss = torch.zeros((), device=self.device)
-            for stream, iterator in self.streams.items():
-                batch = to_device(next(iterator), self.device, self.float_dtype, self.visual_tokenizer)
+            for stream, batch in batches.items():
+                batch = to_device(batch, self.device, self.float_dtype, self.visual_tokenizer)
                 totals.keys += batch["keys"]
                 totals.tokens[stream] += self._tokens(batch)
-                for component, (part, correct, count) in masked_prediction(self.engine, stream, batch).items():
-                    loss = loss + self.weights[component] * part
-                    totals.loss[component] += part.detach()
-                    totals.losses_seen[component] += 1
+                for component, (summed, correct, count) in masked_prediction(self.engine, stream, batch).items():
+                    loss = loss + self.weights[component] * scales[component] * summed
+                    totals.loss[component] += summed.detach()
                     totals.correct[component] += correct
                     totals.predicted[component] += count
             self.engine.backward(loss)
+            self.clock.lap("compute")
             self.engine.step()
+            self.clock.lap("optimizer")
         return totals
+
+    def _loss_scales(self, micro_steps: list[dict]) -> dict[str, torch.Tensor]:
+        """Per objective, what a micro-batch's summed loss is multiplied by: DeepSpeed divides each micro-step's
+        gradient by the accumulation and averages over ranks, so that factor is undone and the global masked
+        count (one all-reduce per step, before any backward) divides instead."""
+        counts = dict.fromkeys(COMPONENTS, 0)
+        for batches in micro_steps:
+            for stream, batch in batches.items():
+                for component, count in masked_counts(stream, batch).items():
+                    counts[component] += count
+        total = torch.stack([torch.as_tensor(counts[c], dtype=torch.float64) for c in COMPONENTS]).to(self.device)
+        dist.all_reduce(total)
+        scales = (self.split.accumulation * self.split.world_size / total.clamp(min=1)).float()
+        return dict(zip(COMPONENTS, scales))
 
     def _tokens(self, batch: dict):
         tokens = 0.0
@@ -183,17 +241,17 @@ def _reduce(totals: StepTotals, device: torch.device) -> torch.Tensor:
 def step_metrics(reduced: torch.Tensor, seconds: float, lr: float, grad_norm: float | None, config: PretrainConfig,
                  split: BatchSplit, active: int, peak_flops: float | None) -> dict[str, float]:
     n = len(COMPONENTS)
-    loss, correct, predicted, seen = (reduced[i * n : (i + 1) * n] for i in range(4))
-    tokens = dict(zip(("image", "text", "pair"), reduced[4 * n :].tolist()))
+    loss, correct, predicted = (reduced[i * n : (i + 1) * n] for i in range(3))
+    tokens = dict(zip(("image", "text", "pair"), reduced[3 * n :].tolist()))
     metrics: dict[str, float] = {"lr": lr, "step_seconds": seconds}
     weights = config.loss_weights.model_dump()
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     total_loss = 0.0
     for index, component in enumerate(COMPONENTS):
-        if seen[index] > 0:
-            metrics[f"loss/{component}"] = float(loss[index] / seen[index])
-            metrics[f"accuracy/{component}"] = float(correct[index] / max(predicted[index], 1))
+        if predicted[index] > 0:  # the global mean over the step's masked tokens, the loss the gradient is of
+            metrics[f"loss/{component}"] = float(loss[index] / predicted[index])
+            metrics[f"accuracy/{component}"] = float(correct[index] / predicted[index])
             total_loss += weights[component] * metrics[f"loss/{component}"]
     metrics["loss"] = total_loss
     flops = 0.0
@@ -209,6 +267,15 @@ def step_metrics(reduced: torch.Tensor, seconds: float, lr: float, grad_norm: fl
         metrics["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         metrics["memory/rss_gib"] = psutil.Process().memory_info().rss / 2**30
+    return metrics
+
+
+def phase_metrics(spent: dict[str, float], steps: int) -> dict[str, float]:
+    """A logging window's step-time breakdown: seconds per step in each phase, and each phase's share of the
+    step. `other` (logging and checkpointing) of a step is counted when the next step starts."""
+    total = sum(spent.values()) or 1.0
+    metrics = {f"time/{phase}": seconds / steps for phase, seconds in spent.items()}
+    metrics.update({f"time/{phase}_fraction": seconds / total for phase, seconds in spent.items()})
     return metrics
 
 
@@ -248,7 +315,8 @@ class Preflight:
 
 
 def preflight(config: PretrainConfig, world_size: int, require_resume: bool = False) -> Preflight:
-    """Batch division, shards present, the tokenizer fits the model, and a resume that can be exact."""
+    """Batch division, shards present, the data contract, the tokenizer fits the model, and a resume that can be
+    exact."""
     split = split_batch(config.batch, world_size)
     index = index_datasets(config.data.datasets)
     manifests = index.manifest_digests
@@ -257,6 +325,10 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
         if not refs:
             raise ConfigError(f"batch.{stream}: {config.batch.global_count(stream)} samples per step asked, but "
                               f"there are no {stream} shards in {', '.join(config.data.datasets)}")
+    text_tokenizer_path = local_copy(config.data.text_tokenizer)
+    fed = {dataset: {stream for stream, refs in shards.items() if any(ref.dataset == dataset for ref in refs)}
+           for dataset in index.contracts}
+    check_data_contract(config, index.contracts, fed, text_tokenizer_path)
     run_dir = Path(config.run_dir)
     fingerprint = resume_fingerprint(config, world_size)
     found = find_resume_point(run_dir / "checkpoints")
@@ -268,7 +340,7 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
     if resume_point.tag is not None:
         check_resume(json.loads((run_dir / RUN_STATE).read_text()), fingerprint, manifests)
-    text_tokenizer = TextTokenizer(local_copy(config.data.text_tokenizer))
+    text_tokenizer = TextTokenizer(text_tokenizer_path)
     if text_tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the text tokenizer's "
                           f"vocabulary ({text_tokenizer.vocab_size})")
@@ -277,11 +349,17 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
 
 def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None) -> TrainResult:
     """Run (or continue) the configured pretraining; `stop_after_step` ends this process early (tests, benchmarks)."""
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher set for the process group to come
+    checked = preflight(config, world_size, require_resume)  # before any process group: a bad recipe fails now
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
-    checked = preflight(config, world_size, require_resume)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the group forms, so NCCL binds each rank to its own GPU
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if dist.get_world_size() != world_size:
+        raise ConfigError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE said {world_size}; "
+                          "start training with torchrun or deepspeed, which set it")
     split, shards, text_tokenizer = checked.split, checked.shards, checked.text_tokenizer
     tag = checked.resume_point.tag
     run_dir = Path(config.run_dir)
@@ -340,10 +418,12 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
             stream=stream, micro_batch=split.micro[stream], seed=config.seed, image_size=config.model.image_size,
             grid=grid, mask_id=text_tokenizer.mask_id, image_ratio=config.masking.image_ratio,
             mask_pair_images=config.masking.mask_pair_images, text_rate=config.masking.text_rate,
-            caption_rate=config.masking.caption_rate, color_jitter=config.augment.color_jitter,
+            caption_rate=config.masking.caption_rate, views=config.augment,
             tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
             shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256,
-            read_attempts=config.data.read_attempts, read_backoff_seconds=config.data.read_backoff_seconds)
+            read_attempts=config.data.read_attempts, read_backoff_seconds=config.data.read_backoff_seconds,
+            text_vocab_size=text_tokenizer.vocab_size, codebook_size=config.model.visual_vocab_size,
+            max_text_len=config.model.max_text_len)
         dataset = MicroBatchStream(shards[stream], settings, rank, world_size, start_micro_batches=positions[stream])
         streams[stream] = iter(build_loader(dataset, config.data.workers, config.data.prefetch_batches))
 
@@ -365,6 +445,7 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     peak = _peak_flops(device)
     resumed_from, last_step = step, min(config.steps, stop_after_step or config.steps)
     status = "FAILED"
+    window, window_steps = dict.fromkeys(PHASES, 0.0), 0
     try:
         while step < last_step:
             started = time.perf_counter()
@@ -376,6 +457,12 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
             lr = learning_rate(step - 1, config.optimizer, config.steps)
             metrics = step_metrics(reduced, time.perf_counter() - started, lr, engine.get_global_grad_norm(),
                                    config, split, active, peak)
+            for phase, seconds in trainer.clock.seconds().items():
+                window[phase] += seconds
+            window_steps += 1
+            if step % config.log_every_steps == 0 or step == last_step:
+                metrics.update(phase_metrics(window, window_steps))
+                window, window_steps = dict.fromkeys(PHASES, 0.0), 0
             with samples_log.open("a") as log:
                 digest = hashlib.sha256("\n".join(totals.keys).encode()).hexdigest()
                 log.write(json.dumps({"step": step, "samples": len(totals.keys), "sha256": digest}) + "\n")

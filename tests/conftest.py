@@ -12,6 +12,21 @@ from s3_endpoint import moto_endpoint, point_boto3_at
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO / "configs" / "model"
+SLOW_FIXTURES = {"training_data", "mlflow_url", "hostile_build", "untrusted_build", "ray_instance",
+                 "ray_through_forwarder"}
+"""Fixtures that build data on Ray or start a server: a test using one is end to end, so it is marked slow
+(`make test-fast` leaves it out), wherever it lives."""
+SLOW_TESTS = {
+    "test_alias_bombs_are_refused_by_the_command_line_in_one_line_without_expanding",  # a `beit3` process each
+    "test_works_inside_torch_distributed_without_lockstep",  # 2 ranks under torch.distributed
+}
+"""End-to-end tests in modules that are otherwise quick, marked slow by name."""
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(item.fixturenames) or getattr(item, "originalname", None) in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

@@ -110,12 +110,14 @@ def data_config(output: str, imagenet: str, text: str, spm: str, **overrides) ->
     return config
 
 
-def _tar(path: Path, members: dict[str, bytes]) -> None:
-    with tarfile.open(path, "w") as archive:
+def tar_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 LONG_CAPTION = "a very long caption that goes on " * 40
@@ -125,7 +127,7 @@ def make_pairs(root: Path) -> dict[str, dict]:
     """Pairs in the three layouts, each with broken entries; returns the expected counts per source."""
     image = _image("RGB", 1)[1]
     (root / "wds").mkdir(parents=True)
-    _tar(root / "wds" / "00000.tar", {
+    (root / "wds" / "00000.tar").write_bytes(tar_of({
         "000.jpg": image, "000.txt": b"a photo of a cat", "000.json": b"{}",
         "001.jpg": image, "001.txt": b"broken \xff caption",
         "002.jpg": image,
@@ -133,7 +135,7 @@ def make_pairs(root: Path) -> dict[str, dict]:
         "004.jpg": image, "004.txt": b"   ",
         "005.jpg": image, "005.txt": LONG_CAPTION.encode(),
         "006.jpg": b"not a jpeg", "006.txt": b"corrupt image",
-    })
+    }))
     images = root / "images"
     images.mkdir()
     for index in range(3):
@@ -166,3 +168,81 @@ def pair_sources(root: Path) -> list[dict]:
         {"kind": "pairs_table", "name": "tsv", "table": str(root / "pairs.tsv"), "images": str(root / "images")},
         {"kind": "coco", "name": "coco", "annotations": str(root / "captions.json"), "images": str(root / "images")},
     ]
+
+
+# --- hostile inputs, built byte by byte: small files that decode badly or claim huge sizes -----------------------
+
+BOMB_UNIT = 64 * 2**20
+"""Bytes one compressed unit of a bomb expands to; the unit is compressed once and written again and again."""
+HUGE_INTEGER_LINE = b'{"text": ' + b"7" * 5000 + b"}"
+"""JSON that Python's parser refuses: more than 4300 digits in an integer (a ValueError, not a JSONDecodeError)."""
+DEEP_JSON_LINE = b'{"text": "deep", "nested": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+"""JSON that Python's parser refuses: nesting past the recursion limit (a RecursionError)."""
+
+
+def noise_image(width: int, height: int = 32, fmt: str = "JPEG") -> bytes:
+    """A noise image `width` x `height` pixels: its width identifies it among stored images of that height."""
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def wide_png(width: int = 70_000) -> bytes:
+    """A PNG of `width` x 1 pixels, a few hundred bytes: it decodes, but JPEG stores at most 65,500 a side."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, 1), (30, 60, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zstd_bomb(pattern: bytes, expanded_bytes: int) -> bytes:
+    """A small .zst that expands to about `expanded_bytes` of `pattern` repeated, in frames of BOMB_UNIT."""
+    frame = zstandard.ZstdCompressor().compress(pattern * (BOMB_UNIT // len(pattern)))
+    return frame * (expanded_bytes // BOMB_UNIT)
+
+
+def gzip_bomb(pattern: bytes, expanded_bytes: int, head: bytes = b"") -> bytes:
+    """A small .gz (one gzip member per BOMB_UNIT) that expands to `head`, then about `expanded_bytes` of
+    `pattern` repeated."""
+    member = gzip.compress(pattern * (BOMB_UNIT // len(pattern)), compresslevel=9)
+    return (gzip.compress(head) if head else b"") + member * (expanded_bytes // BOMB_UNIT)
+
+
+def tar_header_at(data: bytes, name: str) -> int:
+    """The offset of member `name`'s header in a tar."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return archive.getmember(name).offset
+
+
+def with_declared_size(data: bytes, name: str, declared: int) -> bytes:
+    """The tar with member `name`'s size field set to `declared` (base-256, as GNU tar writes sizes of 8 GiB and
+    more) and its header checksum made right again: a size far beyond the bytes the file holds."""
+    header = bytearray(data[(offset := tar_header_at(data, name)) : offset + tarfile.BLOCKSIZE])
+    header[124:136] = b"\x80" + declared.to_bytes(11, "big")
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return data[:offset] + bytes(header) + data[offset + tarfile.BLOCKSIZE :]
+
+
+def tar_with_sparse_member(members: dict[str, bytes], sparse_name: str, real_size: int) -> bytes:
+    """A PAX tar of `members` with a sparse member first: 10 stored bytes at the end of `real_size` bytes of
+    holes, which tarfile fills in with zeros when the member is read."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo(sparse_name)
+        info.size = 10
+        info.pax_headers = {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.size": str(real_size),
+                            "GNU.sparse.map": f"{real_size - 10},10"}
+        archive.addfile(info, io.BytesIO(b"\xff" * 10))
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def gzip_tar_bomb(name: str, expanded_bytes: int) -> bytes:
+    """A gzip-compressed tar, a few megabytes, whose one member `name` declares and holds `expanded_bytes` zeros."""
+    info = tarfile.TarInfo(name)
+    info.size = expanded_bytes
+    return gzip_bomb(b"\0", expanded_bytes, head=info.tobuf(format=tarfile.GNU_FORMAT))

@@ -14,7 +14,8 @@ import pytest
 import ray
 import webdataset
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from beit3.config import ConfigError, validate_config
 from beit3.data_pipeline.config import DataConfig
@@ -30,7 +31,7 @@ from beit3.data_pipeline.processing import (
 )
 from beit3.data_pipeline.sources import ShardPlan, TextFile, plan_shards
 from beit3.data_pipeline.storage import open_storage
-from beit3.data_pipeline.views import View, render_view
+from beit3.data_pipeline.views import View
 from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer
 from beit3.tokenizers.visual import VisualTokenizerConfig, build_visual_tokenizer
 
@@ -45,6 +46,8 @@ from pipeline_inputs import (
     pack_class_tars,
     pair_sources,
 )
+
+pytestmark = pytest.mark.slow  # end to end: Ray data builds
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +107,18 @@ def test_codes_belong_to_the_stored_views(local_build):
         codes = np.load(io.BytesIO(sample["codes.npy"]))
         views = [View.from_json(v) for v in json.loads(sample["views.json"])]
         assert codes.dtype == np.uint16 and codes.shape == (2, 4, 4) and len(views) == 2
-        pixels = TF.pil_to_tensor(image.convert("RGB"))
+        assert {len(view.jitter) for view in views} == {3}, "BEiT v2's ColorJitter(0.4, 0.4, 0.4)"
         for view, view_codes in zip(views, codes):
             assert view.top + view.height <= image.height and view.left + view.width <= image.width
-            rendered = render_view(pixels, view, 64).float().unsqueeze(0) / 255.0
+            # BEiT v2's chain written out: jitter in the recorded order, flip, then the box at the tokenizer's
+            # size with Lanczos; the codes are those of exactly these pixels.
+            pixels = image.convert("RGB")
+            for operation, factor in view.jitter:
+                pixels = getattr(TF, f"adjust_{operation}")(pixels, factor)
+            pixels = TF.hflip(pixels) if view.flip else pixels
+            crop = TF.resized_crop(pixels, view.top, view.left, view.height, view.width, [64, 64],
+                                      InterpolationMode.LANCZOS)
+            rendered = TF.pil_to_tensor(crop).float().unsqueeze(0) / 255.0
             assert np.array_equal(tokenizer.encode(rendered)[0].numpy(), view_codes)
 
 

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import webdataset
 import yaml
 
 from pipeline_inputs import data_config, make_imagenet, make_spm, make_text
+
+pytestmark = pytest.mark.slow  # end to end: a Ray data build killed and rerun
 
 BEIT3 = Path(sys.executable).parent / "beit3"
 

@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # end to end: the whole demo: pipeline, 2-rank training, export
 
 
 def test_demo_runs_every_stage_and_the_loss_falls(tmp_path):

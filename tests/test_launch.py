@@ -32,6 +32,8 @@ from pipeline_inputs import BAD_IMAGES, data_config, make_imagenet, make_spm, ma
 from s3_endpoint import CREDENTIALS, free_port
 from training_fixtures import REPO, write_recipe
 
+pytestmark = pytest.mark.slow  # end to end: 2-node launches and a Ray cluster on loopback
+
 LAUNCH = REPO / "launch"
 SHELL_SCRIPTS = [LAUNCH / "torchrun" / "train.sh", LAUNCH / "deepspeed" / "train.sh", LAUNCH / "slurm" / "train.sbatch"]
 BIN = Path(sys.executable).parent

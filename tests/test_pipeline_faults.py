@@ -24,6 +24,8 @@ from network_faults import cuttable_endpoint
 from pipeline_inputs import data_config, make_imagenet, make_spm, make_text
 from s3_endpoint import CREDENTIALS, point_boto3_at
 
+pytestmark = pytest.mark.slow  # end to end: Ray data builds under injected faults
+
 POLL_SECONDS = 0.02
 IMAGES_PER_CLASS = 50
 

@@ -64,11 +64,60 @@ def test_paper_recipe_on_64_h100s_reproduces_the_published_arithmetic(paper_plan
 def test_zero_stages_partition_as_in_the_zero_paper(paper_plan):
     parameters, gpus = paper_plan.parameters.total, 64
     stage1, stage2, stage3 = (paper_plan.memory[stage] for stage in (1, 2, 3))
-    assert stage1.parameters + stage1.gradients == pytest.approx(4 * parameters)
+    assert stage1.parameters + stage1.fp32_gradients == pytest.approx(6 * parameters)
     assert stage1.optimizer == pytest.approx(12 * parameters / gpus)
-    assert stage2.gradients + stage2.optimizer == pytest.approx(14 * parameters / gpus)
-    assert stage3.parameters + stage3.gradients + stage3.optimizer == pytest.approx(16 * parameters / gpus)
+    assert stage2.fp32_gradients + stage2.optimizer == pytest.approx(16 * parameters / gpus)
+    assert stage3.parameters + stage3.fp32_gradients + stage3.optimizer == pytest.approx(18 * parameters / gpus)
     assert stage1.total > stage2.total > stage3.total
+
+
+def test_fp32_gradient_accumulation_is_in_the_memory_table(paper_plan):
+    """bf16 sums gradients in fp32: ZeRO-1 moves each bf16 gradient into a full fp32 buffer as it completes,
+    ZeRO-2 and 3 hold the rank's partition in fp32; an fp32 run's gradients are fp32 already."""
+    parameters, gpus = paper_plan.parameters.total, 64
+    stage1, stage2, stage3 = (paper_plan.memory[stage] for stage in (1, 2, 3))
+    assert stage1.fp32_gradients == pytest.approx(4 * parameters)
+    assert stage2.fp32_gradients == stage3.fp32_gradients == pytest.approx(4 * parameters / gpus)
+    assert stage1.gradients == stage2.gradients == stage3.gradients == 0
+    assert stage1.model_states == pytest.approx(stage1.parameters + 4 * parameters + stage1.optimizer)
+    row = next(line for line in format_plan(paper_plan).splitlines() if line.strip().startswith("fp32 gradients"))
+    assert row.split()[-3:] == ["7.80", "0.12", "0.12"]
+    fp32_plan = plan_run(recipe("tiny_cpu"), Cluster(1, 2, resolve_gpu("h100")))
+    assert all(fp32_plan.memory[stage].fp32_gradients == 0 for stage in (1, 2, 3))
+
+
+def test_the_paper_recipe_on_80_gb_needs_no_checkpointing(paper_plan):
+    """Without checkpointing even the whole per-GPU batch, 32 + 32 + 32 in one micro-step (57 GB of activations),
+    fits an 80 GB GPU under ZeRO-1, so the recipe's checkpointing of every layer only adds a recomputed forward:
+    a third more time per step."""
+    best = paper_plan.recommended
+    assert best.checkpoint_every == 0 and best.split.micro["image"] == 32 and best.split.accumulation == 1
+    assert best.memory.stage == 1 and best.memory.fits and 60e9 < best.memory.total < 72e9
+    assert best.step_seconds == pytest.approx(paper_plan.step_seconds)
+    assert paper_plan.recipe_step_seconds == pytest.approx(paper_plan.step_seconds * 4 / 3)
+    assert ("fastest that fits: ZeRO-1, no checkpointing, micro-batch 32 + 32 + 32 x 1 accumulation: 69.01 GB, "
+            "0.356 s per step") in format_plan(paper_plan)
+
+
+@pytest.mark.parametrize("memory_gb, checkpoint_every, micro_batch", [(40, 0, 8), (24, 0, 4), (14.2, 1, 4)])
+def test_smaller_gpus_get_smaller_micro_batches_then_checkpointing(memory_gb, checkpoint_every, micro_batch):
+    """Splitting the batch finer costs no FLOPs and checkpointing does, so a smaller GPU first gets a smaller
+    micro-batch with more accumulation, and checkpointing only once one sample per micro-step no longer fits
+    without it: at 14.2 GB not even every 2 layers fits, and at every layer the largest micro-batch that fits."""
+    plan = plan_run(recipe("giant_paper"), Cluster(8, 8, resolve_gpu("h100", memory_gb=memory_gb)))
+    best = plan.recommended
+    assert (best.checkpoint_every, best.split.micro["image"]) == (checkpoint_every, micro_batch)
+    assert best.split.micro["image"] * best.split.accumulation * 64 == 2048 and best.memory.fits
+    if checkpoint_every:
+        model = recipe("giant_paper").model.model_copy(update={"checkpoint_every_n_layers": checkpoint_every + 1})
+        assert not plan_run(recipe("giant_paper", model=model), plan.cluster, micro_batch=1).memory[1].fits
+        assert best.step_seconds == pytest.approx(plan.step_seconds * 4 / 3)
+
+
+def test_nothing_that_fits_is_said():
+    plan = plan_run(recipe("giant_paper"), Cluster(8, 8, resolve_gpu("h100", memory_gb=13.5)))
+    assert plan.recommended is None
+    assert "fastest that fits: nothing fits under ZeRO-1" in format_plan(plan)
 
 
 def normalised(options: str) -> str:
@@ -109,8 +158,8 @@ def test_zero2_model_states_match_deepspeeds_estimator(model_recipe, nodes, gpus
     assert deepspeed == pytest.approx((ours.parameters + DEEPSPEED_PARTITIONED_BYTES * parameters / gpus) / GIB,
                                       abs=0.006)
     offloaded = model_state_memory(parameters, 0, gpus, stage=2, precision="bf16", offload_optimizer=True)
-    assert deepspeed_gpu_gib(printed, "offload_optimizer=cpu") == pytest.approx(sum(offloaded.values()) / GIB,
-                                                                               abs=0.006)
+    on_gpu = sum(offloaded.values()) - offloaded["fp32_gradients"]  # the estimator predates fp32 accumulation
+    assert deepspeed_gpu_gib(printed, "offload_optimizer=cpu") == pytest.approx(on_gpu / GIB, abs=0.006)
 
 
 @pytest.mark.parametrize("model_recipe", ["giant_paper", "base_released"])
@@ -263,7 +312,7 @@ def test_recipe_offload_takes_states_off_the_gpu():
     assert plan.memory[3].parameters == plan.memory[3].gradients == plan.memory[3].optimizer == 0
     assert plan.memory[3].gathered_layer > 0
     assert plan.memory[2].gradients == plan.memory[2].optimizer == 0
-    assert plan.memory[1].gradients > 0
+    assert plan.memory[1].fp32_gradients > 0 and plan.memory[3].fp32_gradients == 0  # ZeRO-3 sums on the CPU
 
 
 def test_micro_batch_sets_gradient_accumulation():

@@ -1,11 +1,19 @@
 """The training streams over shards the real pipeline wrote: order, resume, sharding over ranks and workers,
 view replay against the stored codes, and clear errors for shards that cannot serve the run."""
 
+import io
 import logging
+import random
 import shutil
 
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from beit3.data_pipeline.views import View, ViewSettings, draw_view, view_order
+from beit3.pretrain.masking import sample_seed
 
 from beit3.pretrain.shard_streams import (
     IMAGE_MEAN,
@@ -72,26 +80,53 @@ def test_one_epoch_on_one_rank_sees_every_sample_once(training_data, mask_id):
     assert len(set(keys)) == total == 48
 
 
-def test_replayed_view_reproduces_the_stored_codes(training_data, mask_id):
-    """Without colour jitter, the loader's image is the view the pipeline tokenized: the same tokenizer gives
-    the stored codes back."""
+def beit_v2_renders(jpg: bytes, view: View, sizes: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BEiT v2's chain written out: jitter in the view's order, flip, then ONE box resized to the model's size
+    (bicubic) and to the tokenizer's (Lanczos), as [0, 1] tensors."""
+    pixels = Image.open(io.BytesIO(jpg)).convert("RGB")
+    for operation, factor in view.jitter:
+        pixels = getattr(TF, f"adjust_{operation}")(pixels, factor)
+    pixels = TF.hflip(pixels) if view.flip else pixels
+    return tuple(TF.pil_to_tensor(TF.resized_crop(pixels, view.top, view.left, view.height, view.width, [size, size],
+                                                  mode)).float() / 255
+                 for size, mode in zip(sizes, (InterpolationMode.BICUBIC, InterpolationMode.LANCZOS)))
+
+
+def stored_fields(shards, key):
+    shard_name = key.split("/")[0]
+    (ref,) = [ref for ref in shards if ref.name == shard_name]
+    return dict(read_shard_samples(ref, verify_sha256=True))[key]
+
+
+def test_the_model_sees_the_jittered_view_whose_codes_were_stored(training_data, mask_id):
+    """Stored codes: the loader's image is the model's render of a stored view (jitter, flip, box), and the
+    tokenizer's render of that same view, cut from the same jittered pixels, gives the stored codes back."""
     shards = index_datasets([str(training_data["shards"])]).shards["image"]
-    stream = MicroBatchStream(shards, settings("image", mask_id, color_jitter=0.0), rank=0, world_size=1)
-    batch = take(build_loader(stream, workers=0, prefetch_batches=1), 1)[0]
+    batch = take(build_loader(MicroBatchStream(shards, settings("image", mask_id), 0, 1), 0, 1), 1)[0]
     tokenizer = RandomProjectionTokenizer(VisualTokenizerConfig(kind="random", seed=0, patch_size=16,
                                                                 codebook_size=1024))
-    pixels = batch["image"] * IMAGE_STD + IMAGE_MEAN
-    codes = tokenizer.encode(pixels).flatten(1)
-    assert (codes == batch["codes"]).float().mean() > 0.98
+    for row, key in enumerate(batch["keys"]):
+        fields = stored_fields(shards, key)
+        choice = view_order(len(fields["views"]), sample_seed(5, "image", key, "views"), 0)
+        model_view, tokenizer_view = beit_v2_renders(fields["jpg"], fields["views"][choice], (112, 112))
+        assert fields["views"][choice].jitter, "stored views carry their colour jitter"
+        assert torch.equal(batch["image"][row], (model_view - IMAGE_MEAN) / IMAGE_STD)
+        assert torch.equal(tokenizer.encode(tokenizer_view.unsqueeze(0)).flatten(), batch["codes"][row])
     assert batch["image_mask"].sum(1).tolist() == [round(0.4 * 49)] * 3
 
 
-def test_colour_jitter_is_seeded_per_sample(training_data, mask_id):
+def test_stored_views_are_walked_without_replacement_across_epochs(training_data, mask_id):
+    """The sample data stores 2 views per image: epochs 0 and 1 use both, in a seeded order."""
     shards = index_datasets([str(training_data["shards"])]).shards["image"]
-    plain, jittered, again = (
-        take(build_loader(MicroBatchStream(shards, settings("image", mask_id, color_jitter=strength), 0, 1),
-                          workers=0, prefetch_batches=1), 1)[0]["image"] for strength in (0.0, 0.4, 0.4))
-    assert torch.equal(jittered, again) and not torch.equal(plain, jittered)
+    total = sum(ref.samples for ref in shards)
+    stream = MicroBatchStream(shards, settings("image", mask_id, micro_batch=1), rank=0, world_size=1)
+    seen: dict[str, list] = {}
+    for batch in take(build_loader(stream, workers=0, prefetch_batches=1), 2 * total):
+        seen.setdefault(batch["keys"][0], []).append(batch["codes"][0])
+    assert len(seen) == total and all(len(codes) == 2 for codes in seen.values())
+    for key, (first, second) in seen.items():
+        stored = torch.from_numpy(stored_fields(shards, key)["codes"].astype("int64")).flatten(1)
+        assert sorted([first.tolist(), second.tolist()]) == sorted(stored.tolist())
 
 
 def test_texts_and_captions_are_masked_at_their_rates(training_data, mask_id):
@@ -130,21 +165,32 @@ def test_too_few_shards_for_the_workers_is_a_clear_error(training_data, mask_id)
         take(build_loader(stream, workers=0, prefetch_batches=1), 1)
 
 
-def test_codes_computed_on_the_fly_match_the_stored_ones(training_data, mask_id):
-    """`visual_codes: on_the_fly`: the loader hands over the un-jittered view at the tokenizer's size and the
-    trainer tokenizes it on the device; with the pipeline's tokenizer that gives the stored codes."""
+def test_on_the_fly_each_epoch_draws_a_fresh_view_rendered_twice_from_the_same_jittered_pixels(training_data,
+                                                                                             mask_id):
+    """`visual_codes: on_the_fly`: a fresh view per (sample, epoch), BEiT v2's own behaviour; the model's and
+    the tokenizer's renders come from the same jittered, flipped pixels, and the trainer tokenizes the latter."""
     from beit3.pretrain.trainer import to_device
 
     shards = index_datasets([str(training_data["shards"])]).shards["image"]
-    stored = take(build_loader(MicroBatchStream(shards, settings("image", mask_id), 0, 1), 0, 1), 1)[0]
-    on_the_fly = take(build_loader(MicroBatchStream(shards, settings("image", mask_id, tokenizer_view_size=112),
-                                                    0, 1), 0, 1), 1)[0]
-    assert "codes" not in on_the_fly and on_the_fly["keys"] == stored["keys"]
+    total = sum(ref.samples for ref in shards)
+    stream = MicroBatchStream(shards, settings("image", mask_id, micro_batch=1, tokenizer_view_size=128), 0, 1)
+    batches = take(build_loader(stream, 0, 1), 2 * total)
+    first_epoch = {batch["keys"][0]: batch for batch in batches[:total]}
+    second_epoch = {batch["keys"][0]: batch for batch in batches[total:]}
+    assert first_epoch.keys() == second_epoch.keys()
+    assert all(not torch.equal(first_epoch[key]["image"], second_epoch[key]["image"]) for key in first_epoch)
+    key, batch = next(iter(first_epoch.items()))
+    fields = stored_fields(shards, key)
+    width, height = Image.open(io.BytesIO(fields["jpg"])).size
+    view = draw_view(width, height, random.Random(sample_seed(5, "image", key, 0, "view")), ViewSettings())
+    model_view, tokenizer_view = beit_v2_renders(fields["jpg"], view, (112, 128))
+    assert "codes" not in batch and view.jitter
+    assert torch.equal(batch["image"][0], (model_view - IMAGE_MEAN) / IMAGE_STD)
+    assert torch.equal(batch["tokenizer_image"][0], tokenizer_view)
     tokenizer = RandomProjectionTokenizer(VisualTokenizerConfig(kind="random", seed=0, patch_size=16,
                                                                 codebook_size=1024))
-    moved = to_device(on_the_fly, torch.device("cpu"), torch.float32, tokenizer)
-    assert (moved["codes"] == stored["codes"]).float().mean() > 0.98
-    assert torch.equal(moved["image"], stored["image"])
+    moved = to_device(batch, torch.device("cpu"), torch.float32, tokenizer)
+    assert torch.equal(moved["codes"], tokenizer.encode(tokenizer_view.unsqueeze(0)).flatten(1))
 
 
 class _RestoreOnRetry(logging.Handler):

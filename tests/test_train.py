@@ -18,13 +18,23 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from beit3.pretrain.checkpoints import COMPLETE, LATEST, SET_ASIDE, CheckpointError, mark_latest, tag_for
+from beit3.pretrain.checkpoints import (
+    COMPLETE,
+    LATEST,
+    SET_ASIDE,
+    CheckpointError,
+    mark_complete,
+    mark_latest,
+    tag_for,
+)
 from beit3.pretrain.export import export_checkpoint, log_export_to_mlflow, run_model_config, verify_export
 from beit3.pretrain.released_format import from_released
 from s3_endpoint import CREDENTIALS, free_port
 from beit3.sample_data import tiny_recipe
 from network_faults import cuttable_endpoint
 from training_fixtures import launch_training, run_training, write_recipe
+
+pytestmark = pytest.mark.slow  # end to end: 2-rank training runs under torchrun
 
 STEPS = 12
 CHANCE_LOSS = 4 * 6.931
@@ -253,6 +263,7 @@ def test_a_checkpoint_carrying_code_is_refused_before_deepspeed_unpickles_it(ref
     marker = tmp_path / "code-ran"
     planted = run_dir / "checkpoints" / tag_for(STEPS) / "mp_rank_00_model_states.pt"
     torch.save({"module": _PlantedCode(marker)}, planted)
+    mark_complete(run_dir / "checkpoints", tag_for(STEPS), 2)  # whoever can plant a file can rewrite the marker
     recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "steps": STEPS + 1,
               "mlflow": {"tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}"}}
     process = launch_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")

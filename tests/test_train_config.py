@@ -2,7 +2,10 @@
 the checks that stop a run before it starts."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from beit3.pretrain.trainer import RUN_STATE, ResumeError, preflight, resume_fin
 from beit3.redaction import redact_urls, split_url_credentials
 from beit3.sample_data import tiny_recipe
 from conftest import REPO, model_config
+from s3_endpoint import free_port
 
 RECIPES = REPO / "configs" / "pretrain"
 
@@ -55,9 +59,22 @@ def test_deepspeed_json_is_derived_from_the_config():
     config = config.model_copy(update={"zero": config.zero.model_copy(update={"stage": 3, "offload_optimizer": True})})
     derived = deepspeed_config(config, split_batch(config.batch, 64))
     assert derived["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
-    assert derived["bf16"] == {"enabled": True} and derived["gradient_clipping"] == 3.0
+    assert derived["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert derived["gradient_clipping"] == 3.0
     assert derived["gradient_accumulation_steps"] == 2 and derived["train_micro_batch_size_per_gpu"] == 16
     json.dumps(derived)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_paper_recipe_accumulates_and_reduces_gradients_in_fp32(stage):
+    """bf16 under every ZeRO stage asks DeepSpeed for fp32 accumulation and fp32 reductions; fp32 runs are fp32
+    throughout already and carry neither setting (tests/test_numerics.py checks the sums themselves)."""
+    config = load_pretrain_config(RECIPES / "giant_paper.yaml")
+    config = config.model_copy(update={"zero": config.zero.model_copy(update={"stage": stage})})
+    derived = deepspeed_config(config, split_batch(config.batch, 64))
+    assert derived["data_types"] == {"grad_accum_dtype": "fp32"} and derived["communication_data_type"] == "fp32"
+    fp32 = deepspeed_config(config.model_copy(update={"precision": "fp32"}), split_batch(config.batch, 64))
+    assert "data_types" not in fp32 and "communication_data_type" not in fp32
 
 
 @pytest.mark.parametrize("change, message", [
@@ -172,3 +189,18 @@ def test_a_password_in_the_tracking_uri_stays_out_of_saved_configs_and_messages(
     assert split_url_credentials(uri) == ("https://mlflow.example.org:5000/", "trainer", "s3cr@t-token")
     assert split_url_credentials("http://127.0.0.1:5000") == ("http://127.0.0.1:5000", None, None)
     assert redact_urls(f"cannot reach {uri}: refused") == f"cannot reach {saved}: refused"
+
+
+def test_a_bad_recipe_fails_before_the_process_group_forms(tmp_path):
+    """Rank 0 of a 2-rank job started alone: rank 1 never comes, so a trainer that formed the process group
+    first would wait for it. The batch check fails at once instead, naming the launcher's rank count."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run", {"shards": tmp_path, "spm": "unused.model"},
+                                                 batch={"image": 6, "gradient_accumulation": 2})))
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    finished = subprocess.run([sys.executable, "-m", "beit3.cli", "train", "--config", str(recipe)],
+                              capture_output=True, text=True, env=environment, cwd=REPO, timeout=120)
+    assert finished.returncode == 2, finished.stderr[-3000:]
+    assert finished.stderr.startswith("beit3 train: batch.image: 6 samples per step do not divide over 2 ranks x 2")
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,9 @@
 Every mode is converted rather than rejected: palette and alpha images are composited over white,
 16-bit and 32-bit integer images are scaled down to 8 bits, float images are read as [0, 1], CMYK and
 the other colour spaces go through PIL's own conversion.
+
+Only the formats image datasets hold are opened (`IMAGE_FORMATS`): PIL's other plugins include readers no
+dataset needs, one of which (EPS) hands the bytes to Ghostscript.
 """
 
 import io
@@ -12,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+"""PIL formats decoded (JPEG's reader also opens the multi-picture JPEGs cameras write, PIL's MPO)."""
 DEFAULT_MAX_PIXELS = 64_000_000
 """Larger images are refused as likely decompression bombs (ImageNet-21K's largest are far below this)."""
 
@@ -21,11 +26,17 @@ class ImageDecodeError(ValueError):
 
     def __init__(self, source: str, reason: str, detail: str):
         super().__init__(f"{source}: {reason} ({detail})")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 def _scale_to_uint8(array: np.ndarray, full_scale: float) -> np.ndarray:
-    return np.clip(array.astype(np.float64) * (255.0 / full_scale), 0, 255).round().astype(np.uint8)
+    """[0, full_scale] to uint8 (NaN as 0), in one float32 copy: a few hundred kilobytes of 16-bit PNG can hold
+    the 64 megapixels `max_pixels` allows, and float64 temporaries cost 1.6 GB more for them. Exact for
+    16-bit values."""
+    scaled = np.nan_to_num(array.astype(np.float32), copy=False)
+    np.clip(scaled, 0, full_scale, out=scaled)
+    scaled *= 255.0 / full_scale
+    return np.rint(scaled, out=scaled).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -40,12 +51,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(_scale_to_uint8(array, 65535.0)).convert("RGB")
+        return Image.fromarray(_scale_to_uint8(np.asarray(image), 65535.0)).convert("RGB")
     if mode == "F":
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image)
         full_scale = 1.0 if array.size and np.nanmax(array) <= 1.0 else 255.0
-        return Image.fromarray(_scale_to_uint8(np.nan_to_num(array), full_scale)).convert("RGB")
+        return Image.fromarray(_scale_to_uint8(array, full_scale)).convert("RGB")
     if mode == "LAB":
         from PIL import ImageCms
 
@@ -61,7 +71,7 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(source, "too_many_pixels", f"{width}x{height} exceeds {max_pixels:,} pixels")

@@ -1,7 +1,8 @@
 """Training a SentencePiece model in the XLM-R id layout from a corpus streamed off disk.
 
 SentencePiece reads the corpus through an iterator and keeps at most `max_sentences` of it (a uniform
-sample when the corpus is larger), so memory stays flat however large the corpus grows.
+sample when the corpus is larger), so memory stays flat however large the corpus grows, and lines are read no
+longer than MAX_LINE_CHARS, so it stays flat however long a line is.
 """
 
 import gzip
@@ -14,30 +15,46 @@ import sentencepiece
 
 from .text import TextTokenizer
 
+MAX_LINE_CHARS = 2**20
+"""Longer lines are skipped as they are read (SentencePiece drops sentences past 4192 bytes anyway): a small
+compressed file can hold a line of gigabytes."""
+
 
 def _open_text(path: Path) -> io.TextIOBase:
-    """Open .txt/.jsonl files, plain, gzip or zstandard compressed, decoding invalid UTF-8 as U+FFFD."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    if path.suffix == ".zst":
+    """Open .txt/.jsonl files, plain, gzip or zstandard compressed (suffixes in any case), decoding invalid UTF-8 as
+    U+FFFD and dropping a UTF-8 byte-order mark."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    if suffix == ".zst":
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), encoding="utf-8",
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), encoding="utf-8-sig",
                                 errors="replace")
-    return path.open("r", encoding="utf-8", errors="replace")
+    return path.open("r", encoding="utf-8-sig", errors="replace")
+
+
+def _bounded_lines(handle: io.TextIOBase) -> Iterator[str]:
+    """The lines of a text stream, each read no further than MAX_LINE_CHARS; a longer one comes out empty."""
+    while line := handle.readline(MAX_LINE_CHARS):
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := handle.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+            line = ""
+        yield line
 
 
 def iter_corpus_lines(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
     """Non-empty lines of text from plain-text files (a line each) and JSON-lines files (the text field)."""
     for path in map(Path, paths):
-        is_jsonl = ".jsonl" in path.suffixes
+        is_jsonl = ".jsonl" in map(str.lower, path.suffixes)
         with _open_text(path) as handle:
-            for number, line in enumerate(handle, 1):
+            for number, line in enumerate(_bounded_lines(handle), 1):
                 if is_jsonl:
                     try:
                         text = json.loads(line).get(text_field) if line.strip() else None
-                    except (json.JSONDecodeError, AttributeError):
-                        raise ValueError(f"{path}:{number}: not a JSON object") from None
+                    except (ValueError, RecursionError, AttributeError) as error:  # limits too: 4300 digits, depth
+                        raise ValueError(f"{path}:{number}: not a JSON object ({type(error).__name__})") from None
                     lines = str(text).splitlines() if text else []
                 else:
                     lines = [line]
