@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=200_000)
     parser.add_argument("--aspect", type=float, default=4 / 3, help="stored width / height (ImageNet: 4:3)")
     args = parser.parse_args()
-    print(f"| stored shorter side | crops upsampled for a 224 px view | for a 256 px view | JPEG KB per image "
-          f"(q95, 4:3) | ImageNet-21K TB |")
+    print("| stored shorter side | crops upsampled for a 224 px view | for a 256 px view | JPEG KB per image "
+          "(q95, 4:3) | ImageNet-21K TB |")
     print("|---|---|---|---|---|")
     for shorter in SHORTER_SIDES:
         shares = upsampled_shares(shorter, args.aspect, args.crops)
