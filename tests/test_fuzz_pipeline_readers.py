@@ -11,7 +11,6 @@ import gzip
 import io
 import json
 import random
-import resource
 import subprocess
 import sys
 import zlib
@@ -40,6 +39,7 @@ from beit3.data_pipeline.sources import (
     list_pair_table,
 )
 
+from memory_probe import peak_kib, reset_peak
 from pipeline_inputs import data_config, make_spm, noise_image, tar_of
 
 SEED = 1
@@ -254,12 +254,13 @@ class Fuzz:
 def run_all(folder: str, spm: str) -> dict:
     """Every family's mutants, in this process; its peak memory above the start, and what was found."""
     fuzz = Fuzz(Path(folder), spm)
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak()
+    start = peak_kib()
     for family, valid in seeds().items():
         fuzz.run(family, ITERATIONS[family], valid)
     return {"escaped": fuzz.escaped, "unaccounted": fuzz.unaccounted,
             "reasons": {family: dict(reasons) for family, reasons in fuzz.reasons.items()},
-            "peak_above_start": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) * 1024}
+            "peak_above_start": (peak_kib() - start) * 1024}
 
 
 RUN = """

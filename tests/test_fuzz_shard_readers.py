@@ -13,7 +13,6 @@ import io
 import json
 import math
 import random
-import resource
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -26,6 +25,7 @@ from beit3.data_pipeline.manifest import MANIFEST_NAME
 from beit3.data_pipeline.shards import tar_bytes
 from beit3.pretrain.shard_streams import SampleDecoder, ShardDataError, collate, index_datasets, read_shard_samples
 
+from memory_probe import peak_kib, reset_peak
 from test_untrusted_shard_contents import (
     CAPTION_LEN,
     CODEBOOK,
@@ -292,10 +292,6 @@ def read_and_decode(ref, kind: str) -> str:
     return "read"
 
 
-def peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 @pytest.mark.parametrize("kind", ["image", "pair", "text"])
 def test_mutated_shards_give_samples_inside_the_contract_or_one_named_line(tmp_path, kind):
     name = f"{kind}-000000.tar"
@@ -303,7 +299,8 @@ def test_mutated_shards_give_samples_inside_the_contract_or_one_named_line(tmp_p
     (ref,) = index_datasets([dataset]).shards[kind]
     assert read_and_decode(ref, kind) == "read"
     outcomes: Counter = Counter()
-    peak = peak_rss_kib()
+    reset_peak()
+    peak = peak_kib()
     for round_ in range(SHARD_ROUNDS):
         rng = random.Random(f"{kind}-{round_}")
         mutation, data = rng.choice(SHARD_MUTATIONS)(rng, kind)
@@ -312,7 +309,7 @@ def test_mutated_shards_give_samples_inside_the_contract_or_one_named_line(tmp_p
             outcomes[read_and_decode(ref, kind)] += 1
         except Exception as error:
             raise AssertionError(f"round {kind}-{round_} ({mutation}): {type(error).__name__}: {error}") from error
-    assert peak_rss_kib() - peak < PEAK_GROWTH_KIB
+    assert peak_kib() - peak < PEAK_GROWTH_KIB
     assert outcomes["refused"] > SHARD_ROUNDS / 3 and outcomes["read"] > SHARD_ROUNDS / 50, outcomes
 
 
@@ -337,7 +334,8 @@ def test_mutated_manifests_index_and_read_or_give_one_named_line(tmp_path):
     manifest = Path(dataset) / MANIFEST_NAME
     text = manifest.read_bytes()
     outcomes: Counter = Counter()
-    peak = peak_rss_kib()
+    reset_peak()
+    peak = peak_kib()
     for round_ in range(MANIFEST_ROUNDS):
         rng = random.Random(f"manifest-{round_}")
         manifest.write_bytes(manifest_mutation(rng, json.loads(text), text))
@@ -353,5 +351,5 @@ def test_mutated_manifests_index_and_read_or_give_one_named_line(tmp_path):
                     outcomes[read_and_decode(ref, kind)] += 1
         except Exception as error:
             raise AssertionError(f"round manifest-{round_}: {type(error).__name__}: {error}") from error
-    assert peak_rss_kib() - peak < PEAK_GROWTH_KIB
+    assert peak_kib() - peak < PEAK_GROWTH_KIB
     assert outcomes["refused"] > MANIFEST_ROUNDS / 3 and outcomes["read"] > MANIFEST_ROUNDS / 50, outcomes

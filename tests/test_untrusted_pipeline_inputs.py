@@ -48,6 +48,7 @@ from beit3.tokenizers.images import ImageDecodeError, decode_image
 from beit3.tokenizers.text import TextTokenizer, TokenizerFileError
 from beit3.tokenizers.text_training import iter_corpus_lines
 
+from memory_probe import PEAK_SOURCE
 from pipeline_inputs import (
     DEEP_JSON_LINE,
     HUGE_INTEGER_LINE,
@@ -408,8 +409,8 @@ def test_the_tokenizer_trainer_reads_corpora_as_they_arrive(tmp_path):
 
 # --- peak memory in fresh processes -------------------------------------------------------------------------------
 
-MEASURE = """
-import json, resource, sys
+MEASURE = PEAK_SOURCE + """
+import json, sys
 from beit3.config import validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.processing import prepare_images, prepare_text
@@ -420,18 +421,19 @@ folder, spm = sys.argv[1], sys.argv[2]
 sources = [{"kind": "imagenet", "name": "bombs", "path": folder}, {"kind": "text", "name": "corpus", "paths": [folder]}]
 config = validate_config(DataConfig, {"name": "bombs", "output": folder, "text_tokenizer": spm,
                                       "visual_tokenizer": None, "sources": sources}, "bombs")
-start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak()
+start = peak_kib()
 for name in sys.argv[3:]:
     if name.startswith("train-"):
         lines = list(iter_corpus_lines([f"{folder}/{name}"]))
         print(json.dumps({"name": name, "skipped": {}, "samples": len(lines),
-                          "peak_above_start": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) * 1024}))
+                          "peak_above_start": (peak_kib() - start) * 1024}))
         continue
     if name.endswith(".tar"):
         work = prepare_images(ShardPlan("image", 0, (ImageTar("bombs", folder, name, "n0", 0),)), config)
     else:
         work = prepare_text(ShardPlan("text", 0, (TextFile("corpus", folder, name, 0),)), config)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kib()
     print(json.dumps({"name": name, "skipped": {reason: n for (_, reason), n in work.skipped.items()},
                       "samples": len(work.samples), "peak_above_start": (peak - start) * 1024}))
 """

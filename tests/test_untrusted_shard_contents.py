@@ -33,6 +33,7 @@ from beit3.pretrain.shard_streams import (
     index_datasets,
     read_shard_samples,
 )
+from memory_probe import PEAK_SOURCE
 
 GRID, IMAGE_SIZE, TEXT_VOCAB, CODEBOOK = 2, 32, 1000, 1024
 WIDTH, HEIGHT = 40, 24
@@ -357,21 +358,22 @@ def test_a_violation_found_in_a_loader_worker_reaches_the_user_in_one_line(tmp_p
     assert message.startswith(f"{tmp_path}/{kind}-000000.tar: {problem}") and "\n" not in message, message
 
 
-MEASURE_READ = """
-import resource, sys
+MEASURE_READ = PEAK_SOURCE + """
+import sys
 from beit3.pretrain.shard_streams import ShardDataError, index_datasets, read_shard_samples
 (ref,) = index_datasets([sys.argv[1]]).shards["image"]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_peak()
+before = peak_kib()
 try:
     read_shard_samples(ref, verify_sha256=True)
 except ShardDataError as error:
     print(error)
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, peak_kib())
 """
 
 
 def test_an_npy_claiming_5_6_gib_is_refused_from_its_header_with_memory_bounded(tmp_path):
-    """In a fresh process: the peak RSS (ru_maxrss, KiB on Linux) after the read is that of the imports, far
+    """In a fresh process: the peak RSS (VmHWM, KiB) after the read is that of the imports, far
     from the 5.6 GiB the header declares."""
     dataset = write_dataset(tmp_path, {"image-000000.tar": shard_with("image",
                                                                       **{"codes.npy": npy_claiming(BOMB_SHAPE)})})
