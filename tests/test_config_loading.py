@@ -18,10 +18,10 @@ from beit3.config import MAX_CONFIG_BYTES, ConfigError, load_config, read_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.pretrain.model_config import ModelConfig
 from beit3.pretrain.train_config import load_pretrain_config
+from memory_probe import PEAK_SOURCE
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-BEIT3 = Path(sys.executable).parent / "beit3"
 RECIPES = {"train": CONFIGS / "pretrain" / "tiny_cpu.yaml", "data": CONFIGS / "data" / "paper.yaml"}
 RUN_LIMIT_S = 180
 MEMORY_MARGIN = 100 << 20
@@ -42,20 +42,36 @@ def saved_run_config() -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+MEASURED_CLI = PEAK_SOURCE + """
+import sys
+reset_peak()
+from beit3.cli import main
+try:
+    status = main(sys.argv[2:])
+finally:
+    with open(sys.argv[1], "w") as report:
+        report.write(str(peak_kib() * 1024))
+sys.exit(status)
+"""
+"""`beit3 ARGUMENTS` with its peak resident memory from the start of this process written to a file (the exit
+rusage of a child would carry the test runner's own peak)."""
+
+
 def run_measured(arguments: list[str], folder: Path) -> tuple[int, list[str], int]:
     """Exit status, stderr lines and peak resident memory in bytes of one `beit3` run (killed past RUN_LIMIT_S)."""
     environment = {name: value for name, value in os.environ.items() if name != "WORLD_SIZE"}
+    peak = folder / "peak.txt"
     with open(folder / "stderr.txt", "w+") as errors, subprocess.Popen(
-            [str(BEIT3), *arguments], cwd=folder, env=environment, stdout=subprocess.DEVNULL, stderr=errors) as run:
+            [sys.executable, "-c", MEASURED_CLI, str(peak), *arguments], cwd=folder, env=environment,
+            stdout=subprocess.DEVNULL, stderr=errors) as run:
         guard = threading.Timer(RUN_LIMIT_S, run.kill)
         guard.start()
         try:
-            _, status, usage = os.wait4(run.pid, 0)
+            run.wait()
         finally:
             guard.cancel()
-        run.returncode = os.waitstatus_to_exitcode(status)
         errors.seek(0)
-        return run.returncode, errors.read().splitlines(), usage.ru_maxrss * 1024
+        return run.returncode, errors.read().splitlines(), int(peak.read_text())
 
 
 @pytest.mark.parametrize("command, arguments, config_name", [
