@@ -10,6 +10,7 @@
 #
 #   benchmarks/gpu_check.sh [--cpu] [FIGURES]        (default FIGURES: gpu_check.txt)
 #   PEAK_TFLOPS=989 (the GPU's dense bf16 peak, for MFU)   RESUME_TOLERANCE=1e-3 (largest loss difference)
+#   LOGS=folder (each check's whole output is copied there, for reading a failure after the run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,13 @@ figures=$(realpath -m "${1:-gpu_check.txt}")
 python=${PYTHON:-.venv/bin/python}
 resume_tolerance=${RESUME_TOLERANCE:-1e-3}
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+keep_logs() {
+    if [[ -n ${LOGS:-} ]]; then
+        mkdir -p "$LOGS" && cp "$work"/*.log "$LOGS"/ 2>/dev/null
+    fi
+    rm -rf "$work"
+}
+trap keep_logs EXIT
 : >"$figures"
 failed=0
 
