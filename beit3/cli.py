@@ -45,7 +45,7 @@ def tokenizer_train_text(args: argparse.Namespace) -> int:
 
     tokenizer = train_text_tokenizer(args.input, args.output, args.vocab_size, text_field=args.text_field,
                                      model_type=args.model_type, max_sentences=args.max_sentences)
-    print(f"wrote {tokenizer.model_path}: {tokenizer.processor.GetPieceSize():,} pieces, vocabulary "
+    print(f"wrote {args.output}.model: {tokenizer.processor.GetPieceSize():,} pieces, vocabulary "
           f"{tokenizer.vocab_size:,} in the XLM-R layout (<mask> = {tokenizer.mask_id})")
     return 0
 
@@ -79,11 +79,13 @@ def tokenizer_info(args: argparse.Namespace) -> int:
 
 def data_build(args: argparse.Namespace) -> int:
     from beit3.data_pipeline.config import DataConfig
-    from beit3.data_pipeline.job import build, summary_table
+    from beit3.data_pipeline.job import build, summary_table, view_passes
 
     config = load_config(DataConfig, args.config)
     result = build(config, ray_address=args.ray_address, progress=not args.quiet)
     print(summary_table(result))
+    for line in view_passes(result, config):
+        print(line)
     print(f"manifest: {config.output.rstrip('/')}/manifest.json")
     return 0
 
@@ -97,7 +99,10 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.run_dir:
         config = config.model_copy(update={"run_dir": args.run_dir})
     try:
-        result = run_training(config, require_resume=args.resume, stop_after_step=args.stop_after_step)
+        result = run_training(config, require_resume=args.resume, stop_after_step=args.stop_after_step,
+                              allow_steps_change=args.allow_steps_change)
+    except KeyboardInterrupt:
+        return _interrupted(config.run_dir)
     except ModuleNotFoundError as error:  # DeepSpeed falls back to MPI when no launcher set the rank variables
         if error.name != "mpi4py":
             raise
@@ -106,6 +111,21 @@ def pretrain(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         print(f"train: step {result.final_step} reached; run dir {result.run_dir}, MLflow run {result.mlflow_run_id}")
     return 0
+
+
+def _interrupted(run_dir: str) -> int:
+    """Ctrl-C: one line from rank 0 naming the checkpoint the same command continues from; status 130."""
+    import os
+    from pathlib import Path
+
+    from beit3.pretrain.checkpoints import latest_whole
+
+    if os.environ.get("RANK", "0") == "0":
+        latest = latest_whole(Path(run_dir) / "checkpoints")
+        where = (f"the last complete checkpoint is {Path(run_dir) / 'checkpoints' / latest}; the same command "
+                 "continues from it" if latest else "no checkpoint was written yet")
+        print(f"beit3 train: interrupted; {where}", file=sys.stderr, flush=True)
+    return 130
 
 
 def export(args: argparse.Namespace) -> int:
@@ -132,6 +152,24 @@ def export(args: argparse.Namespace) -> int:
     if args.mlflow:
         print(f"  logged to MLflow run {log_export_to_mlflow(run_dir, output)} under export/")
     return status
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from beit3.pretrain.evaluation import evaluate_checkpoint, evaluate_export, format_table, log_to_run
+
+    if args.export:
+        if not args.config:
+            raise ValueError("--export needs --config, the recipe whose model and datasets the export is evaluated on")
+        result = evaluate_export(Path(args.export), Path(args.config))
+    else:
+        result = evaluate_checkpoint(Path(args.run_dir), args.tag)
+    print(f"evaluation at step {result.step}:")
+    print(format_table(result.metrics))
+    if args.mlflow:
+        print(f"logged to MLflow run {log_to_run(result.run_dir, result.metrics, result.step)} at step {result.step}")
+    return 0
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -217,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_command.add_argument("--resume", action="store_true",
                                help="continue from the latest checkpoint and fail if there is none")
     train_command.add_argument("--run-dir", help="override the config's run_dir")
+    train_command.add_argument("--allow-steps-change", action="store_true",
+                               help="resume although `steps` changed (the cosine schedule is stretched or cut); "
+                               "the change is printed and tagged on the MLflow run")
     train_command.add_argument("--stop-after-step", type=int, help="end this process after that step")
     train_command.set_defaults(handler=pretrain)
     export_command = commands.add_parser("export", help="a run's checkpoint to the released layout (.pth, "
@@ -229,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="reload into our model and torchscale's BEiT3 and compare outputs")
     export_command.add_argument("--mlflow", action="store_true", help="log the files to the run's MLflow run")
     export_command.set_defaults(handler=export)
+    eval_command = commands.add_parser("eval", help="held-out losses and the kNN probe of a checkpoint or an export")
+    eval_source = eval_command.add_mutually_exclusive_group(required=True)
+    eval_source.add_argument("--run-dir", help="a `beit3 train` run directory (its saved recipe and checkpoint)")
+    eval_source.add_argument("--export", help="a released-layout .pth written by `beit3 export`")
+    eval_command.add_argument("--tag", help="with --run-dir: checkpoint tag, e.g. step-00010000 (default: the latest)")
+    eval_command.add_argument("--config", help="with --export: the pretrain recipe (model and datasets)")
+    eval_command.add_argument("--mlflow", action="store_true", help="log the metrics to the run's MLflow run")
+    eval_command.set_defaults(handler=evaluate)
     plan_command = commands.add_parser("plan", help="memory per GPU under each ZeRO stage, FLOPs, time and "
                                        "GPU-days of a pretrain recipe on a cluster")
     plan_command.add_argument("--config", required=True, help="a pretrain YAML, e.g. configs/pretrain/giant_paper.yaml")
@@ -271,10 +320,12 @@ def error_message(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from beit3.data_pipeline.storage import StoreUnusable
+
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, OSError) as error:  # config, file, storage and input errors say what is wrong
+    except (ValueError, OSError, StoreUnusable) as error:  # config, file, storage and input errors say what is wrong
         print(f"beit3 {args.command}: {redact_urls(error_message(error))}", file=sys.stderr)
         return 2
 

@@ -2,11 +2,14 @@
 
 - images: crops, flips and colour shifts of the photographs matplotlib ships (`mpl-data/sample_data`), filed
   in two class folders the way ImageNet is distributed;
+- labelled images: generated pictures of eight classes (a shape in a colour, on varied backgrounds, sizes and
+  places), in class folders, enough per class for a nearest-neighbour probe of the learned features;
 - text: the docstrings of Python's standard library, one document per line;
 - image-text pairs: generated pictures of coloured shapes with captions that describe them, as COCO-style
   annotations (the only part that is synthetic: no captioned photographs ship with the packages).
 
-`write_sample_corpora` writes the raw inputs; `sample_data_config` describes a pipeline build over them;
+`write_sample_corpora` writes the raw inputs; `sample_data_config` describes a pipeline build over them, with
+some of every source held out (`validation`) so that a run can be evaluated on samples it never trained on;
 `build_sample_dataset` does both, trains a text tokenizer on the text and runs `beit3 data build`;
 `tiny_recipe` points `configs/pretrain/tiny_cpu.yaml` at the result.
 """
@@ -34,6 +37,9 @@ STDLIB_MODULES = ("collections", "itertools", "functools", "json", "pathlib", "r
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
            "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle")
+LABELLED_CLASSES = tuple(f"{colour}_{shape}" for shape in ("circle", "square")
+                         for colour in ("red", "green", "blue", "yellow"))
+"""The labelled images' classes, one folder each."""
 
 
 def _photos() -> list[Image.Image]:
@@ -79,8 +85,8 @@ def stdlib_documents() -> list[str]:
 
 
 def write_sample_corpora(root: Path, images_per_class: int = 24, pairs: int = 48, text_files: int = 4,
-                         seed: int = 0) -> Path:
-    """Write the raw sample inputs under `root` (imagenet/, text/, pairs/); returns `root`."""
+                         seed: int = 0, labelled_per_class: int = 20) -> Path:
+    """Write the raw sample inputs under `root` (imagenet/, labelled/, text/, pairs/); returns `root`."""
     rng = random.Random(seed)
     photos = _photos()
     for class_index, label in enumerate(("n00000001", "n00000002")):
@@ -89,6 +95,13 @@ def write_sample_corpora(root: Path, images_per_class: int = 24, pairs: int = 48
         for index in range(images_per_class):
             photo = photos[(class_index + index) % len(photos)]
             _photo_variant(photo, rng).save(folder / f"{label}_{index:04d}.JPEG", quality=90)
+    for label in LABELLED_CLASSES:
+        colour, shape = label.split("_")
+        folder = root / "labelled" / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(labelled_per_class):
+            background = rng.choice([c for c in COLOURS if c != colour])
+            _shape_picture(shape, colour, background, rng).save(folder / f"{label}_{index:04d}.jpg", quality=90)
     documents = stdlib_documents()
     (root / "text").mkdir(parents=True, exist_ok=True)
     for part in range(text_files):
@@ -116,10 +129,13 @@ def sample_data_config(root: Path, spm: Path, output: str, image_size: int = 112
         "output": output,
         "seed": 0,
         "samples_per_shard": samples_per_shard,
-        "sources": [{"kind": "imagenet", "name": "photos", "path": str(root / "imagenet")},
-                    {"kind": "text", "name": "stdlib", "paths": [str(root / "text")]},
+        "sources": [{"kind": "imagenet", "name": "photos", "path": str(root / "imagenet"),
+                     "validation": {"count": 4}},
+                    {"kind": "imagenet", "name": "labelled_shapes", "path": str(root / "labelled"),
+                     "validation": {"fraction": 0.25}},
+                    {"kind": "text", "name": "stdlib", "paths": [str(root / "text")], "validation": {"fraction": 0.1}},
                     {"kind": "coco", "name": "shapes", "annotations": str(root / "pairs" / "captions.json"),
-                     "images": str(root / "pairs" / "images")}],
+                     "images": str(root / "pairs" / "images"), "validation": {"count": 6}}],
         "text_tokenizer": str(spm),
         "text_len": 32,
         "text_segments_per_sample": 8,

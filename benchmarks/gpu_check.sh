@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What one GPU says about the system, in under 8 minutes: one line per check on stdout, the figures in FIGURES.
-#   1. the giant-width layer stack (4 layers), forward+backward in bf16: TFLOP/s and MFU per input kind;
+#   1. the giant-width layer stack (4 layers), forward+backward in bf16, eager and with compiled layers:
+#      ms, TFLOP/s and MFU per input kind;
 #   2. the VQ-KD encoder's bf16 throughput;
 #   3. the data build of the sample corpora with its visual tokenizer actor on the GPU;
 #   4. `beit3 train` on one GPU (NCCL, bf16) under ZeRO-1 and ZeRO-3, 20 steps of a giant-width 2-layer model on
@@ -69,9 +70,12 @@ check() {
 
 layer_stack() {
     "$python" benchmarks/model_speed.py --device "$device" --dtype bf16 --config configs/model/giant.yaml \
-        --skip-torchscale --peak-tflops "$peak" "${stack[@]}" >"$work/model_speed.txt" || return
+        --skip-torchscale --compile --peak-tflops "$peak" "${stack[@]}" >"$work/model_speed.txt" || return
     cat "$work/model_speed.txt"
-    awk '$1 ~ /^(image|text|pair)$/ {printf "%s%s %s ms %s TFLOP/s %s MFU", sep, $1, $2, $3, $4; sep="; "}
+    # columns: input, eager ms, TFLOP/s, MFU, compiled ms, speedup over eager, TFLOP/s, MFU
+    awk '$1 ~ /^(image|text|pair)$/ {
+             printf "%s%s eager/compiled %s/%s ms %s/%s TFLOP/s %s/%s MFU", sep, $1, $2, $5, $3, $7, $4, $8
+             sep="; "}
          END {print ""}' "$work/model_speed.txt"
 }
 

@@ -4,14 +4,18 @@ Both models get the same config, weights, batch and inputs (images, padded texts
 training mode. Timings are interleaved (ours, theirs, ours, ...) in one process and the medians compared, so
 machine noise hits both alike. Memory is measured two ways: bytes saved for backward (exact, from autograd's
 saved-tensor hooks) and the peak resident-memory growth of one step (Linux VmHWM, reset just before the
-step), each model and input kind in a fresh process.
+step), each model and input kind in a fresh process. `--compile` adds our model with every layer compiled
+(`beit3.pretrain.compilation`, what `compile: true` in a recipe does) as columns after the others; its
+compilation happens in the untimed first step of each input kind.
 
     python benchmarks/model_speed.py                       # CPU fp32, base width, 4 layers
+    python benchmarks/model_speed.py --compile             # ... and compiled, against eager and torchscale
     python benchmarks/model_speed.py --device cuda --dtype bf16 --config configs/model/giant.yaml \
         --layers 4 --batch 16 --peak-tflops 989             # GPU: adds achieved TFLOP/s and MFU (ours)
 """
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 
 from beit3.config import load_config
+from beit3.pretrain.compilation import compile_layers
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.model_config import ModelConfig
 from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
@@ -45,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, for model-FLOPs utilisation")
     parser.add_argument("--skip-torchscale", action="store_true", help="time ours alone (e.g. for MFU runs)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with compiled layers")
     parser.add_argument("--memory-worker", choices=["ours", "torchscale"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-kind", choices=KINDS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -181,6 +187,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     compare = not args.skip_torchscale
     ours, reference = make_models(config, args.device, with_reference=compare)
+    compiled = compile_layers(copy.deepcopy(ours)) if args.compile else None
     inputs = make_inputs(config, args)
     print(f"model_speed: {config.name} width ({config.hidden}/{config.ffn_hidden}/{config.heads} heads, "
           f"{config.attention} attention), {config.layers} layers, batch {args.batch} per kind, "
@@ -193,16 +200,29 @@ def main(argv=None):
         header += f"{'torchscale ms':>15}{'speedup':>9}{'saved MB ours/ts':>20}{'peak RSS MB ours/ts':>22}"
     if args.peak_tflops:
         header += f"{'TFLOP/s':>9}{'MFU':>7}"
+    if args.compile:
+        header += f"{'compiled ms':>13}{'vs eager':>10}" + (f"{'vs ts':>8}" if compare else "")
+        if args.peak_tflops:
+            header += f"{'TFLOP/s':>9}{'MFU':>7}"
     print(header)
+
+    def utilisation(kind: str, seconds: float) -> str:
+        achieved = args.batch * training_flops_per_sample(config, lengths[kind], active) / seconds / 1e12
+        return f"{achieved:>9.1f}{achieved / args.peak_tflops:>7.1%}"
+
     for kind in KINDS:
-        times = {"ours": [], "torchscale": []}
+        times = {"ours": [], "torchscale": [], "compiled": []}
         timed(step_ours, ours, inputs[kind], dtype, args.device)
         if compare:
             timed(step_reference, reference, inputs[kind], dtype, args.device)
+        if compiled is not None:
+            timed(step_ours, compiled, inputs[kind], dtype, args.device)
         for _ in range(args.repeats):
             times["ours"].append(timed(step_ours, ours, inputs[kind], dtype, args.device))
             if compare:
                 times["torchscale"].append(timed(step_reference, reference, inputs[kind], dtype, args.device))
+            if compiled is not None:
+                times["compiled"].append(timed(step_ours, compiled, inputs[kind], dtype, args.device))
         ours_time = statistics.median(times["ours"])
         row = f"{kind:<7}{ours_time * 1e3:>10.1f}"
         if compare:
@@ -216,9 +236,14 @@ def main(argv=None):
             row += f"{theirs_time * 1e3:>15.1f}{theirs_time / ours_time:>8.2f}x"
             row += f"{saved[0]:>11.0f}/{saved[1]:<8.0f}{rss:>22}"
         if args.peak_tflops:
-            flops = args.batch * training_flops_per_sample(config, lengths[kind], active)
-            achieved = flops / ours_time / 1e12
-            row += f"{achieved:>9.1f}{achieved / args.peak_tflops:>7.1%}"
+            row += utilisation(kind, ours_time)
+        if compiled is not None:
+            compiled_time = statistics.median(times["compiled"])
+            row += f"{compiled_time * 1e3:>13.1f}{ours_time / compiled_time:>9.2f}x"
+            if compare:
+                row += f"{theirs_time / compiled_time:>7.2f}x"
+            if args.peak_tflops:
+                row += utilisation(kind, compiled_time)
         print(row)
 
 

@@ -23,12 +23,40 @@ MAX_DECOMPRESSED_BYTES = 2**30
 SOURCE_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Letters, digits, - and _: it starts sample keys.")
 
 
+class Validation(_Strict):
+    """Samples of a source held out of training for evaluation (see `beit3.data_pipeline.holdout`), chosen by a
+    seeded hash of each sample's key: a `fraction` of them, or a `count` of images or pairs (a table or COCO
+    source counts images, each held out with all its captions). A count needs every sample listed before the
+    build: not for text, nor for a source with compressed input tars, which are read only while building."""
+
+    fraction: float | None = Field(None, gt=0, lt=1, description="Share of the source's samples held out.")
+    count: int | None = Field(None, gt=0, description="Samples held out: those with the smallest key hashes.")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Validation":
+        if (self.fraction is None) == (self.count is None):
+            raise ValueError("give either fraction or count (one of them)")
+        return self
+
+
+def _fraction_only(validation: Validation | None) -> Validation | None:
+    if validation is not None and validation.count is not None:
+        raise ValueError("count needs samples listed before the build, but text documents are seen only while "
+                         "reading: use fraction")
+    return validation
+
+
+VALIDATION = Field(None, description="Held-out samples (`fraction` or `count`); none: everything trains.")
+TextValidation = Annotated[Validation | None, AfterValidator(_fraction_only)]
+
+
 class ImageNetSource(_Strict):
     """ImageNet as distributed: a folder of class folders (`n01440764/*.JPEG`) or of per-class tars."""
 
     kind: Literal["imagenet"]
     name: str = SOURCE_NAME
     path: StorageUrl = Field(description="Local folder or s3:// prefix.")
+    validation: Validation | None = VALIDATION
 
 
 class TextSource(_Strict):
@@ -39,6 +67,7 @@ class TextSource(_Strict):
     paths: list[StorageUrl] = Field(min_length=1, description="Files or folders, local or s3://; .gz and .zst allowed.")
     text_field: str = "text"
     documents: Literal["line", "paragraph"] = "line"
+    validation: TextValidation = VALIDATION
 
 
 class WebDatasetPairSource(_Strict):
@@ -48,6 +77,7 @@ class WebDatasetPairSource(_Strict):
     kind: Literal["pairs_webdataset"]
     name: str = SOURCE_NAME
     path: StorageUrl = Field(description="Folder or s3:// prefix of .tar files.")
+    validation: Validation | None = VALIDATION
 
 
 class TablePairSource(_Strict):
@@ -59,6 +89,7 @@ class TablePairSource(_Strict):
     images: StorageUrl = Field(description="Folder or s3:// prefix the image paths are relative to.")
     image_column: str = "image"
     caption_column: str = "caption"
+    validation: Validation | None = VALIDATION
 
 
 class CocoPairSource(_Strict):
@@ -68,6 +99,7 @@ class CocoPairSource(_Strict):
     name: str = SOURCE_NAME
     annotations: StorageUrl = Field(description="captions_*.json, local or s3://.")
     images: StorageUrl = Field(description="The image folder or s3:// prefix.")
+    validation: Validation | None = VALIDATION
 
 
 PAIR_SOURCES = (WebDatasetPairSource, TablePairSource, CocoPairSource)
@@ -91,6 +123,15 @@ class RaySettings(_Strict):
     address: str | None = Field(None, description="Join this cluster; none starts a local one.")
     tokenizer_actors: int = Field(1, gt=0, description="Actors computing visual codes.")
     gpus_per_tokenizer_actor: float | None = Field(None, ge=0, description="None: 1 when GPUs exist, else 0.")
+
+
+class PlannedUse(_Strict):
+    """The training a build is for, so that its summary says how often each stored view will be seen: a view seen
+    many times means crop augmentation is in effect switched off (`beit3 plan --data` gives a recipe's figure)."""
+
+    image_samples: int | None = Field(None, gt=0, description="Images the run will draw: steps x images per step.")
+    pair_samples: int | None = Field(None, gt=0, description="Pairs the run will draw: steps x pairs per step.")
+    max_passes_per_view: float = Field(10.0, gt=0, description="The summary warns past this many passes per view.")
 
 
 class DataConfig(_Strict):
@@ -137,6 +178,7 @@ class DataConfig(_Strict):
     text_segments_per_sample: int = Field(64, gt=0, description="Segments stored together per text tar entry.")
     caption_len: int = Field(64, gt=2, description="Longest caption in tokens; longer ones are truncated.")
     ray: RaySettings = RaySettings()
+    planned_use: PlannedUse = PlannedUse()
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

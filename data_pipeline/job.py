@@ -15,11 +15,17 @@ layer (see `storage`), one that outlasts those retries fails the job, and a re-r
 such an exception: every sample and file is read inside an error boundary that counts it (see `processing`); an
 exception that does stop the job names the planned shard and its input files.
 tests/test_pipeline_faults.py kills a worker running a map task and cuts the S3 endpoint off mid-run.
+
+Before any work, `preflight` checks that the output can be written and that every tokenizer file the config
+names can be read, so a misspelt bucket, a missing key, refused credentials or a wrong endpoint fail in
+seconds with one line. A storage error raised inside a Ray task or actor reaches the caller as that same error,
+not as Ray's wrapping of it.
 """
 
 import json
 import logging
 import pickle
+import re
 import time
 from dataclasses import dataclass
 
@@ -30,10 +36,19 @@ from tqdm import tqdm
 from beit3.tokenizers.visual import build_visual_tokenizer
 
 from .config import DataConfig
+from .holdout import is_validation_name
 from .manifest import Manifest, load_or_start
 from .processing import add_codes, finish_shard, prepare_images, prepare_pairs, prepare_text
 from .sources import plan_shards
-from .storage import local_copy, open_storage
+from .storage import (
+    STORAGE_FAILURES,
+    MissingObject,
+    StorageError,
+    StoreUnusable,
+    check_usable,
+    local_copy,
+    open_storage,
+)
 
 
 def _prepare(row: dict, config_json: str) -> dict:
@@ -84,15 +99,60 @@ class BuildResult:
     seconds: float
 
 
+def preflight(config: DataConfig) -> None:
+    """Fail in seconds, before any listing or work, when the output cannot be written, an input's store cannot
+    be reached or a tokenizer file the config names cannot be read; the error names the config field."""
+    check_usable("output", config.output, "write")
+    for index, source in enumerate(config.sources):
+        for field, value in source.model_dump(mode="json").items():
+            for url in value if isinstance(value, list) else [value]:
+                if isinstance(url, str) and url.startswith("s3://"):
+                    check_usable(f"sources[{index}].{field}", url, "read_folder")
+    if config.text_tokenizer:
+        check_usable("text_tokenizer", config.text_tokenizer, "read_file")
+    if config.visual_tokenizer is not None and config.visual_tokenizer.checkpoint:
+        check_usable("visual_tokenizer.checkpoint", config.visual_tokenizer.checkpoint, "read_file")
+
+
+STORAGE_FAILURE_LINE = re.compile(r"(MissingObject|StorageError|StoreUnusable): (.+)")
+FAILURE_TYPES = {"MissingObject": MissingObject, "StorageError": StorageError, "StoreUnusable": StoreUnusable}
+
+
+def storage_failure(error: BaseException) -> BaseException | None:
+    """The storage error behind an exception Ray raised for a task or actor: found in its causes, or, for an
+    actor whose constructor failed (Ray passes on only the text), in the traceback text it carries."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, STORAGE_FAILURES) and not isinstance(current, ray.exceptions.RayError):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    found = STORAGE_FAILURE_LINE.findall(str(error))
+    if found:
+        kind, message = found[-1]
+        return FAILURE_TYPES[kind.rpartition(".")[2]](message.strip())
+    return None
+
+
 def build(config: DataConfig, ray_address: str | None = None, progress: bool = True) -> BuildResult:
     """Build (or finish building) the shards and manifest a config describes."""
     start = time.perf_counter()
+    preflight(config)
     storage = open_storage(config.output)
     manifest = load_or_start(storage, config)
     plans = plan_shards(config)
     todo = [plan for plan in plans if not manifest.is_done(plan.name, storage)]
     if todo:
-        _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
+        try:
+            _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
+        except Exception as error:
+            failure = storage_failure(error)
+            if failure is None:
+                raise
+            raise failure from None
     manifest.save(storage)
     return BuildResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - start)
 
@@ -135,18 +195,45 @@ def _run(config, todo, manifest, storage, address, progress):
 
 
 def summary_table(result: BuildResult) -> str:
-    """Written and skipped samples per source, and throughput, for the end of a run."""
+    """Written, held-out and skipped samples per source, how each source's visual codes spread over the codebook,
+    and throughput, for the end of a run."""
     totals = result.manifest.totals()
-    written = sum(t["written"] for t in totals.values())
-    lines = [f"{'source':<20}{'written':>10}  skipped (reason: count)"]
+    written = sum(t["written"] + t.get("validation", 0) for t in totals.values())
+    lines = [f"{'source':<20}{'written':>10}{'held out':>10}  skipped (reason: count)"]
     for source, counts in totals.items():
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(counts["skipped"].items())) or "-"
         repaired = ", ".join(f"{r}: {n}" for r, n in sorted(counts["repaired"].items()))
-        lines.append(f"{source:<20}{counts['written']:>10}  {reasons}" + (f"  (repaired {repaired})" if repaired
-                                                                          else ""))
-    files = sum(1 for entry in result.manifest.shards.values() if entry["samples"])
+        lines.append(f"{source:<20}{counts['written']:>10}{counts.get('validation', 0):>10}  {reasons}"
+                     + (f"  (repaired {repaired})" if repaired else ""))
+    if usage := result.manifest.code_usage():
+        lines.append(f"{'visual codes':<20}{'used':>10}{'perplexity':>12}{'top code':>10}")
+        lines += [f"{source:<20}{codes['codes_used']:>10}{codes['perplexity']:>12.1f}{codes['top_code_share']:>10.2%}"
+                  for source, codes in usage.items()]
+    files = [entry["name"] for entry in result.manifest.shards.values() if entry["samples"]]
+    held_out_files = sum(map(is_validation_name, files))
     planned = result.shards_built + result.shards_skipped
-    lines.append(f"{files} shard files for {planned} planned shards ({result.shards_built} built now, "
-                 f"{result.shards_skipped} already done), {written:,} samples, {result.seconds:.1f}s, "
-                 f"{written / max(result.seconds, 1e-9):.1f} samples/s")
+    lines.append(f"{len(files)} shard files ({held_out_files} held out) for {planned} planned shards "
+                 f"({result.shards_built} built now, {result.shards_skipped} already done), {written:,} samples, "
+                 f"{result.seconds:.1f}s, {written / max(result.seconds, 1e-9):.1f} samples/s")
     return "\n".join(lines)
+
+
+def view_passes(result: BuildResult, config: DataConfig) -> list[str]:
+    """How often the planned run (`planned_use`) will see each stored view, per kind, with a warning past
+    `max_passes_per_view`; nothing for a kind without planned draws or samples."""
+    planned = config.planned_use
+    lines = []
+    for kind, draws in (("image", planned.image_samples), ("pair", planned.pair_samples)):
+        samples = sum(entry["samples"] for entry in result.manifest.shards.values()
+                      if entry["kind"] == kind and not is_validation_name(entry["name"]))
+        if not draws or not samples:
+            continue
+        views = config.image.views_per_image
+        per_view = draws / samples / views
+        lines.append(f"{kind}: {samples:,} samples x {views} stored views; {draws:,} planned draws make "
+                     f"{draws / samples:.1f} passes, {per_view:.1f} per view")
+        if per_view > planned.max_passes_per_view:
+            lines.append(f"warning: {kind}: each stored view would be seen {per_view:.1f} times (more than "
+                         f"{planned.max_passes_per_view:g}): crop augmentation is in effect reduced; raise "
+                         "image.views_per_image or add data")
+    return lines

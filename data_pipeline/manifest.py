@@ -2,7 +2,8 @@
 
 Each file names the planned shard it belongs to (`shard`): the planned shard itself, or a further part of one
 that exceeded the sample or byte target. A planned shard whose every input was skipped is listed with zero
-samples and has no file.
+samples and has no file. Held-out files (`val-*.tar`, see `holdout`) are listed apart, in `validation_shards`,
+with entries of the same schema; `code_usage` gives, per source, how its visual codes spread over the codebook.
 
 It is rewritten atomically as shards complete, and a planned shard enters it only once all its tars are fully
 stored, so the manifest never names a partial shard. It also records a digest of the content-defining
@@ -12,15 +13,18 @@ every sample holds, which a reader checks the shards' untrusted bytes against.
 
 import hashlib
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass, field
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from beit3.tokenizers.images import DEFAULT_MAX_PIXELS
 
 from .config import DataConfig
+from .holdout import is_validation_name
 from .storage import Storage, local_copy
 from .views import ViewSettings
 
@@ -34,7 +38,7 @@ class ManifestMismatch(ValueError):
 
 def content_digest(config: DataConfig) -> str:
     """sha256 of every setting that changes shard contents (not where they go or how many workers run)."""
-    settings = config.model_dump(mode="json", exclude={"output", "ray"})
+    settings = config.model_dump(mode="json", exclude={"output", "ray", "planned_use"})
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -105,11 +109,20 @@ class Manifest:
     contract: dict
     """What every sample holds (`shard_contract`)."""
     shards: dict[str, dict] = field(default_factory=dict)
+    """Every file, training (`shards` in the document) and held out (`validation_shards`), by name."""
     files_of: dict[str, list[str]] = field(default_factory=dict)
     """Planned shard name -> the names of its files."""
+    code_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per source, how often each visual code was stored, over every listed planned shard."""
 
     def add(self, entries: list[dict]) -> None:
-        """The entries of one planned shard's files, all stored."""
+        """The entries of one planned shard's files, all stored. The first may carry the shard's `code_counts`
+        (per source), which are added up here, not listed; a planned shard listed before (redone because a file
+        went missing) has the same bytes and codes, so its counts are not added twice."""
+        code_counts = entries[0].pop("code_counts", {})
+        if entries[0]["shard"] not in self.files_of:
+            for source, counts in code_counts.items():
+                self.code_counts[source] = self.code_counts.get(source, 0) + np.asarray(counts, dtype=np.int64)
         for entry in entries:
             self.shards[entry["name"]] = entry
         self.files_of[entries[0]["shard"]] = [entry["name"] for entry in entries]
@@ -121,24 +134,43 @@ class Manifest:
         return bool(names) and all(self.shards[name]["samples"] == 0 or storage.exists(name) for name in names)
 
     def totals(self) -> dict[str, dict]:
-        """Per source: samples written, skipped by reason, and inputs repaired by reason."""
+        """Per source: training samples written, held-out samples (`validation`, for a source with any), skipped
+        by reason, and inputs repaired by reason."""
         written: Counter = Counter()
+        held_out: Counter = Counter()
         skipped: dict[str, Counter] = {}
         repaired: dict[str, Counter] = {}
         for entry in self.shards.values():
-            written.update(entry["written"])
+            (held_out if is_validation_name(entry["name"]) else written).update(entry["written"])
             for source, reasons in entry["skipped"].items():
                 skipped.setdefault(source, Counter()).update(reasons)
             for source, reasons in entry["repaired"].items():
                 repaired.setdefault(source, Counter()).update(reasons)
-        sources = sorted(set(written) | set(skipped) | set(repaired))
+        sources = sorted(set(written) | set(held_out) | set(skipped) | set(repaired))
         return {source: {"written": written.get(source, 0), "skipped": dict(skipped.get(source, {})),
-                         "repaired": dict(repaired.get(source, {}))} for source in sources}
+                         "repaired": dict(repaired.get(source, {})),
+                         **({"validation": held_out[source]} if held_out[source] else {})} for source in sources}
+
+    def code_usage(self) -> dict[str, dict]:
+        """Per source with visual codes: how many distinct codes its stored views use, the perplexity of their
+        histogram (exp of its entropy: the number of equally used codes that would give the same entropy) and
+        the share of the most used code, with the histogram itself."""
+        usage = {}
+        for source, counts in sorted(self.code_counts.items()):
+            total = int(counts.sum())
+            shares = counts[counts > 0] / max(total, 1)
+            usage[source] = {"codes_used": int((counts > 0).sum()),
+                             "perplexity": round(math.exp(-(shares * np.log(shares)).sum()), 3),
+                             "top_code_share": round(float(counts.max()) / max(total, 1), 6),
+                             "codes_seen": total, "histogram": counts.tolist()}
+        return usage
 
     def to_json(self) -> bytes:
-        shards = [self.shards[name] for name in sorted(self.shards)]
+        names = sorted(self.shards)
         document = {"format": FORMAT_VERSION, "name": self.name, "config_digest": self.config_digest,
-                    "contract": self.contract, "shards": shards, "sources": self.totals()}
+                    "contract": self.contract, "sources": self.totals(), "code_usage": self.code_usage(),
+                    "shards": [self.shards[name] for name in names if not is_validation_name(name)],
+                    "validation_shards": [self.shards[name] for name in names if is_validation_name(name)]}
         return json.dumps(document, indent=1, sort_keys=True).encode()
 
     def save(self, storage: Storage) -> None:
@@ -150,19 +182,26 @@ def load_or_start(storage: Storage, config: DataConfig) -> Manifest:
     if not storage.exists(MANIFEST_NAME):
         return Manifest(config.name, digest, shard_contract(config))
     document = json.loads(storage.read_bytes(MANIFEST_NAME))
+    if not document.get("shards"):  # a build that failed before finishing any shard: nothing to keep consistent
+        return Manifest(config.name, digest, shard_contract(config))
+    start_over = (f"to start over with this config, set `output` to a new location (e.g. "
+                  f"{config.output.rstrip('/')}-2); the shards there are kept")
     if document.get("config_digest") != digest:
         raise ManifestMismatch(
             f"{storage.url(MANIFEST_NAME)} was built with different content settings (config digest "
-            f"{document.get('config_digest', '?')[:12]}, this config {digest[:12]}); write to a new output "
-            "or restore the config it was built with"
+            f"{document.get('config_digest', '?')[:12]}, this config {digest[:12]}); restore the config it was "
+            f"built with to finish it, or {start_over}"
         )
     contract = shard_contract(config)
     if document.get("contract", contract) != contract:
         changed = sorted(name for name in contract if document["contract"].get(name) != contract[name])
         raise ManifestMismatch(f"{storage.url(MANIFEST_NAME)} was built with other tokenizer files or settings "
-                               f"(contract fields {', '.join(changed)} differ); write to a new output or restore them")
+                               f"(contract fields {', '.join(changed)} differ); restore them to finish it, or "
+                               f"{start_over}")
     manifest = Manifest(document["name"], digest, contract)
-    for entry in document["shards"]:
+    for entry in document["shards"] + document.get("validation_shards", []):
         manifest.shards[entry["name"]] = entry
         manifest.files_of.setdefault(entry["shard"], []).append(entry["name"])
+    for source, usage in document.get("code_usage", {}).items():
+        manifest.code_counts[source] = np.asarray(usage["histogram"], dtype=np.int64)
     return manifest

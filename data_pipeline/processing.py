@@ -32,9 +32,12 @@ from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer, truncate
 from beit3.tokenizers.visual import VisualTokenizer
 
 from .config import MAX_DECOMPRESSED_BYTES, MAX_DOCUMENT_BYTES, DataConfig
+from .holdout import document_splitter, held_out_while_building, validation_name
 from .shards import ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar_bytes, shard_name, tar_bytes
 from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile, decoded_text, parse_json, text_encoding
-from .storage import local_copy, open_storage
+from .storage import StoreUnusable, local_copy, open_storage
+from .tar_index import (TarSample, TarSkip, damage_after_last_member, image_samples, index_tar, pair_samples,
+                        read_sample)
 from .views import choose_views, render_view, resize_shorter_side
 
 CODE_BATCH = 64
@@ -45,22 +48,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardWork:
-    """A shard on its way through the stages: its tar entries, each with its source and training-sample count,
-    and per-source counts of what was skipped and repaired."""
+    """A shard on its way through the stages: its tar entries, each with its source, training-sample count and
+    whether it is held out, per-source counts of what was skipped and repaired, and per-source histograms of
+    the visual codes stored."""
 
     plan: ShardPlan
     samples: list[dict] = field(default_factory=list)
     sample_counts: list[tuple[str, int]] = field(default_factory=list)
+    held_out: list[bool] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     tokenizer_views: list[torch.Tensor] = field(default_factory=list)
+    code_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def add(self, source: str, sample: dict, training_samples: int = 1,
-            tokenizer_views: torch.Tensor | None = None) -> None:
+            tokenizer_views: torch.Tensor | None = None, held_out: bool = False) -> None:
         """A tar entry holding `training_samples` samples (text entries hold a block of segments), with the
-        tokenizer-sized pixels of its views when it has any."""
+        tokenizer-sized pixels of its views when it has any; a `held_out` one goes to the validation shards."""
         self.samples.append(sample)
         self.sample_counts.append((source, training_samples))
+        self.held_out.append(held_out)
         if tokenizer_views is not None:
             self.tokenizer_views.append(tokenizer_views)
 
@@ -73,13 +80,17 @@ class ShardWork:
             log.warning("%s: skipped as %s%s", _escaped(origin), reason, f" ({_escaped(detail)})" if detail else "")
 
     def failed(self, source: str, origin: str, error: Exception) -> None:
-        """A sample or file whose bytes made a decoder, encoder or parser fail in a way no check foresaw."""
+        """A sample or file whose bytes made a decoder, encoder or parser fail in a way no check foresaw. A store
+        that stays unusable after the storage layer's retries is no fault of the input: it stops the job."""
+        if isinstance(error, StoreUnusable):
+            raise error
         self.skip(source, "unexpected_error", origin, f"{type(error).__name__}: {error}")
 
-    def written(self, start: int, stop: int) -> Counter:
-        """Training samples per source in tar entries [start, stop)."""
+    def written(self, entries: list[int]) -> Counter:
+        """Training samples per source in these tar entries."""
         counts: Counter = Counter()
-        for source, training_samples in self.sample_counts[start:stop]:
+        for entry in entries:
+            source, training_samples = self.sample_counts[entry]
             counts[source] += training_samples
         return counts
 
@@ -116,7 +127,7 @@ TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
 
 def _tar_members(source: str, root: str, name: str, work: ShardWork,
                  max_decompressed_bytes: int) -> dict[str, dict[str, bytes]]:
-    """Files of an input tar grouped by sample key, WebDataset's way: the member's path up to the first dot of
+    """Files of a compressed input tar, which cannot be read by ranges (see `tar_index`), grouped by sample key, WebDataset's way: the member's path up to the first dot of
     its file name, {key: {extension as written: bytes}}. So `a/x.jpg` and `b/x.jpg` are two samples; a path
     (`../`, a leading `/`) is only ever a key, never a place on disk.
 
@@ -160,7 +171,7 @@ def _tar_members(source: str, root: str, name: str, work: ShardWork,
                 stem, _, extension = file_name.partition(".")
                 members.setdefault(folder + slash + stem, {})[extension] = archive.extractfile(member).read()
             else:
-                damage = _damage_after_last_member(archive, end_of_data)
+                damage = damage_after_last_member(archive, end_of_data)
         except TAR_ERRORS:
             damage = "truncated_tar"
         except Exception as error:  # tarfile on bytes no check foresaw: the members before them are kept
@@ -168,26 +179,6 @@ def _tar_members(source: str, root: str, name: str, work: ShardWork,
     if damage:
         work.skip(source, damage, origin)
     return members
-
-
-def _damage_after_last_member(archive: tarfile.TarFile, end_of_data: int) -> str | None:
-    """Python's tarfile ends quietly at a header that is cut short or garbled, dropping every member after it;
-    a whole tar has its zero end block there, and nothing but zeros after that (read no further than
-    `end_of_data`: a compressed tar could go on expanding)."""
-    archive.fileobj.seek(archive.offset)
-    end_block = archive.fileobj.read(tarfile.BLOCKSIZE)
-    if len(end_block) < tarfile.BLOCKSIZE:
-        return "truncated_tar"
-    if end_block.count(0) != tarfile.BLOCKSIZE:
-        return "corrupt_tar"
-    position = archive.offset + tarfile.BLOCKSIZE
-    while rest := archive.fileobj.read(1 << 20):
-        if rest.count(0) != len(rest):
-            return "data_after_end_of_tar"
-        position += len(rest)
-        if position > end_of_data:
-            return "decompressed_too_large"
-    return None
 
 
 def _image_fields(
@@ -219,26 +210,59 @@ def _image_fields(
     return {"jpg": encoded.getvalue(), "views.json": json_bytes([view.to_json() for view in views])}, tokenizer_views
 
 
+def _tar_skip(work: ShardWork, skip: TarSkip) -> None:
+    work.skip(skip.source, skip.reason, skip.origin, skip.detail)
+
+
+def _tar_sample_files(work: ShardWork, sample: TarSample) -> dict[str, bytes] | None:
+    """A planned input-tar sample's files; a read that fails or comes back short is a counted skip."""
+    origin = f"{open_storage(sample.root).url(sample.name)}:{sample.key}"
+    try:
+        files = read_sample(sample)
+    except OSError as error:  # StorageError, or a file that cannot be read (permissions)
+        work.skip(sample.source, "unreadable", origin, str(error))
+        return None
+    if files is None:
+        work.skip(sample.source, "truncated_tar", origin)
+    return files
+
+
+def _compressed_image_tar(image_tar: ImageTar, work: ShardWork, config: DataConfig):
+    members = _tar_members(image_tar.source, image_tar.root, image_tar.name, work, config.max_decompressed_bytes)
+    images = sorted((key, data) for key, files in members.items() for extension, data in files.items()
+                    if f".{extension.lower()}".endswith(IMAGE_SUFFIXES))
+    for position, (key, data) in enumerate(images):
+        yield (image_tar.source, f"{image_tar.source}-{image_tar.index:06d}-{position:06d}",
+               (image_tar.index, position), data, {"file": image_tar.name, "member": key, "label": image_tar.label})
+
+
 def _image_entries(items: tuple, work: ShardWork, config: DataConfig):
-    """(source, key, seed position, image bytes, provenance) per image of a class-folder chunk (which may span
-    sources) or of one per-class tar."""
-    if isinstance(items[0], ImageTar):
-        (image_tar,) = items
-        members = _tar_members(image_tar.source, image_tar.root, image_tar.name, work, config.max_decompressed_bytes)
-        images = sorted((key, data) for key, files in members.items() for extension, data in files.items()
-                        if f".{extension.lower()}".endswith(IMAGE_SUFFIXES))
-        for position, (key, data) in enumerate(images):
-            yield (image_tar.source, f"{image_tar.source}-{image_tar.index:06d}-{position:06d}",
-                   (image_tar.index, position), data, {"file": image_tar.name, "member": key, "label": image_tar.label})
-        return
+    """(source, key, seed position, image bytes, provenance) per image of a planned chunk, whose items are class-
+    folder images and input-tar samples of any sources, or of one whole input tar."""
     for item in items:
-        try:
-            data = open_storage(item.root).read_bytes(item.name)
-        except OSError as error:  # StorageError, or a file that cannot be read (permissions)
-            work.skip(item.source, "unreadable", f"{item.source}:{item.name}", str(error))
-            continue
-        yield item.source, f"{item.source}-{item.index:09d}", (item.index,), data, {"file": item.name,
-                                                                                   "label": item.label}
+        if isinstance(item, ImageTar):
+            index = index_tar(item.root, item.name)
+            if index.compressed:
+                yield from _compressed_image_tar(item, work, config)
+            else:
+                yield from _image_entries(image_samples(item.source, item.root, item.name, item.index, item.label,
+                                                        index, IMAGE_SUFFIXES), work, config)
+        elif isinstance(item, TarSkip):
+            _tar_skip(work, item)
+        elif isinstance(item, TarSample):
+            files = _tar_sample_files(work, item)
+            if files is not None:
+                yield (item.source, f"{item.source}-{item.tar_index:06d}-{item.position:06d}",
+                       (item.tar_index, item.position), files["image"],
+                       {"file": item.name, "member": item.key, "label": item.label})
+        else:
+            try:
+                data = open_storage(item.root).read_bytes(item.name)
+            except OSError as error:  # StorageError, or a file that cannot be read (permissions)
+                work.skip(item.source, "unreadable", f"{item.source}:{item.name}", str(error))
+                continue
+            yield item.source, f"{item.source}-{item.index:09d}", (item.index,), data, {"file": item.name,
+                                                                                       "label": item.label}
 
 
 def _origin(source: str, provenance: dict) -> str:
@@ -260,7 +284,8 @@ def prepare_images(plan: ShardPlan, config: DataConfig) -> ShardWork:
         if image is not None:
             fields, tokenizer_views = image
             work.add(source, {"__key__": key, **fields, "json": _provenance_json({"source": source, **provenance})},
-                     tokenizer_views=tokenizer_views)
+                     tokenizer_views=tokenizer_views,
+                     held_out=held_out_while_building(plan, source, provenance, config))
     return work
 
 
@@ -279,8 +304,7 @@ def _caption_ids(work: ShardWork, source: str, caption: str, config: DataConfig,
     return ids
 
 
-def _pairs_of_tar(pair_tar: PairTar, work: ShardWork, config: DataConfig):
-    """(source, key, seed position, image bytes, caption, provenance) per sample of a downloader-layout tar."""
+def _compressed_pair_tar(pair_tar: PairTar, work: ShardWork, config: DataConfig):
     members = _tar_members(pair_tar.source, pair_tar.root, pair_tar.name, work, config.max_decompressed_bytes)
     for position, key in enumerate(sorted(members)):
         # Extensions match in any case; of `x.JPG` and `x.jpg` both in one tar, the exact lower-case one is used.
@@ -293,21 +317,44 @@ def _pairs_of_tar(pair_tar: PairTar, work: ShardWork, config: DataConfig):
         if "txt" not in sample:
             work.skip(pair_tar.source, "missing_caption", origin)
             continue
-        caption, repair = decoded_text(sample["txt"])
-        if repair:
-            work.repaired[(pair_tar.source, repair)] += 1
-        yield (pair_tar.source, f"{pair_tar.source}-{pair_tar.index:06d}-{position:06d}", (pair_tar.index, position),
-               image, caption, {"file": pair_tar.name, "key": key})
+        yield _tar_pair(work, pair_tar.source, pair_tar.name, pair_tar.index, position, key, image, sample["txt"])
+
+
+def _tar_pair(work: ShardWork, source: str, name: str, tar_index: int, position: int, key: str, image: bytes,
+              caption: bytes) -> tuple:
+    text, repair = decoded_text(caption)
+    if repair:
+        work.repaired[(source, repair)] += 1
+    return (source, f"{source}-{tar_index:06d}-{position:06d}", (tar_index, position), image, text,
+            {"file": name, "key": key})
+
+
+def _pair_entries(items: tuple, work: ShardWork, config: DataConfig):
+    """(source, key, seed position, image bytes, caption, provenance) per pair of a planned chunk, whose items are
+    table or COCO rows and input-tar samples of any sources, or of one whole input tar."""
+    for item in items:
+        if isinstance(item, PairTar):
+            index = index_tar(item.root, item.name)
+            if index.compressed:
+                yield from _compressed_pair_tar(item, work, config)
+            else:
+                yield from _pair_entries(pair_samples(item.source, item.root, item.name, item.index, index), work,
+                                         config)
+        elif isinstance(item, TarSkip):
+            _tar_skip(work, item)
+        elif isinstance(item, TarSample):
+            files = _tar_sample_files(work, item)
+            if files is not None:
+                yield _tar_pair(work, item.source, item.name, item.tar_index, item.position, item.key,
+                                files["image"], files["txt"])
+        else:
+            yield from _pairs_of_table((item,), work)
 
 
 def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
     """Image-text pairs: the image as for images, the caption tokenized (and truncated to caption_len)."""
     work = ShardWork(plan)
-    if isinstance(plan.items[0], PairTar):
-        entries = _pairs_of_tar(plan.items[0], work, config)
-    else:
-        entries = _pairs_of_table(plan.items, work)
-    for source, key, position, image, caption, provenance in entries:
+    for source, key, position, image, caption, provenance in _pair_entries(plan.items, work, config):
         origin = _origin(source, provenance)
         try:
             caption, replaced = _valid_unicode(caption)
@@ -326,7 +373,7 @@ def prepare_pairs(plan: ShardPlan, config: DataConfig) -> ShardWork:
                 "__key__": key, **fields,
                 "ids.npy": npy_bytes(np.asarray(ids, dtype=np.uint16)),
                 "json": _provenance_json({"source": source, "caption": caption, **provenance}),
-            }, tokenizer_views=tokenizer_views)
+            }, tokenizer_views=tokenizer_views, held_out=held_out_while_building(plan, source, provenance, config))
     return work
 
 
@@ -362,8 +409,10 @@ def add_codes(work: ShardWork, tokenizer: VisualTokenizer) -> ShardWork:
     codes = torch.cat([tokenizer.encode(batch.to(next(tokenizer.buffers(), views).device)).cpu()
                        for batch in views.split(CODE_BATCH)])
     per_sample = codes.split([len(v) for v in work.tokenizer_views])
-    for sample, sample_codes in zip(work.samples, per_sample):
+    for sample, (source, _), sample_codes in zip(work.samples, work.sample_counts, per_sample):
         sample["codes.npy"] = npy_bytes(sample_codes.numpy().astype(np.uint16))
+        counts = np.bincount(sample_codes.flatten().numpy(), minlength=tokenizer.codebook_size)
+        work.code_counts[source] = work.code_counts.get(source, 0) + counts
     work.tokenizer_views = []
     return work
 
@@ -723,39 +772,62 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     store the segments in blocks of `text_segments_per_sample` per tar entry ([segments, text_len] uint16,
     right-padded with `<pad>`): one entry per 128-token segment would spend 2 KB of tar headers on 256 bytes
     of ids. Documents are read, tokenized and packed a batch at a time, and blocks stored as they fill, so a
-    worker holds the shard's ids and one batch of text, whatever the shape of the file."""
+    worker holds the shard's ids and one batch of text, whatever the shape of the file.
+
+    With the source's `validation`, held-out documents (see `holdout`) are packed apart, into blocks of the
+    shard's validation file."""
     work = ShardWork(plan)
     (text_file,) = plan.items
     source = next(s for s in config.sources if s.name == text_file.source)
     tokenizer = load_text_tokenizer(config.text_tokenizer)
     if tokenizer.vocab_size > 2**16:
         raise ValueError(f"{config.text_tokenizer}: {tokenizer.vocab_size:,} ids do not fit the shards' uint16")
-    packer, block_size = SegmentPacker(config.text_len), config.text_segments_per_sample
-    unstored, stored = [np.empty((0, config.text_len), dtype=np.uint16)], 0
-
-    def store(rows: np.ndarray, last: bool = False) -> None:
-        nonlocal unstored, stored
-        rows = np.concatenate([*unstored, rows])
-        whole = len(rows) if last else len(rows) // block_size * block_size
-        for first in range(0, whole, block_size):
-            block = rows[first : first + block_size]
-            work.add(text_file.source, {
-                "__key__": f"{text_file.source}-{text_file.index:06d}-{(stored + first) // block_size:06d}",
-                "ids.npy": npy_bytes(block),
-                "json": _provenance_json({"file": text_file.name, "source": text_file.source,
-                                          "start_byte": text_file.start, "first_segment": stored + first,
-                                          "segments": len(block)}),
-            }, training_samples=len(block))
-        unstored, stored = [rows[whole:]], stored + whole
-
+    split = document_splitter(config, text_file.source)
+    training, held_out = _SegmentBlocks(work, config, held_out=False), _SegmentBlocks(work, config, held_out=True)
     try:
         for documents in document_batches(text_file, source.text_field, source.documents, work,
                                           config.max_document_bytes, config.max_decompressed_bytes):
-            store(packer.add(*tokenizer.encode_concatenated(documents)))
+            documents, held_out_documents = split(documents) if split else (documents, [])
+            training.add(*tokenizer.encode_concatenated(documents))
+            if held_out_documents:
+                held_out.add(*tokenizer.encode_concatenated(held_out_documents))
     except Exception as error:  # a file never stops the build: what was read before the error is kept
         work.failed(text_file.source, open_storage(text_file.root).url(text_file.name), error)
-    store(packer.finish(), last=True)
+    training.finish()
+    held_out.finish()
     return work
+
+
+class _SegmentBlocks:
+    """One stream of a text shard's documents (its training or its held-out ones) packed into segments and
+    stored in blocks of `text_segments_per_sample` as they fill; held-out block keys end in `-val{block}`."""
+
+    def __init__(self, work: ShardWork, config: DataConfig, held_out: bool):
+        self.work, self.held_out, self.block_size = work, held_out, config.text_segments_per_sample
+        self.packer = SegmentPacker(config.text_len)
+        self.unstored, self.stored = np.empty((0, config.text_len), dtype=np.uint16), 0
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        self._store(self.packer.add(ids, lengths))
+
+    def finish(self) -> None:
+        self._store(self.packer.finish(), last=True)
+
+    def _store(self, rows: np.ndarray, last: bool = False) -> None:
+        (text_file,) = self.work.plan.items
+        rows = np.concatenate([self.unstored, rows])
+        whole = len(rows) if last else len(rows) // self.block_size * self.block_size
+        for first in range(0, whole, self.block_size):
+            block = rows[first : first + self.block_size]
+            number = (self.stored + first) // self.block_size
+            self.work.add(text_file.source, {
+                "__key__": f"{text_file.source}-{text_file.index:06d}-{'val' if self.held_out else ''}{number:06d}",
+                "ids.npy": npy_bytes(block),
+                "json": _provenance_json({"file": text_file.name, "source": text_file.source,
+                                          "start_byte": text_file.start, "first_segment": self.stored + first,
+                                          "segments": len(block)}),
+            }, training_samples=len(block), held_out=self.held_out)
+        self.unstored, self.stored = rows[whole:], self.stored + whole
 
 
 def _by_source(counter: Counter) -> dict[str, dict[str, int]]:
@@ -769,21 +841,29 @@ def finish_shard(work: ShardWork, config: DataConfig) -> list[tuple[bytes, dict]
     """The tars of a planned shard with their manifest entries, in order.
 
     Entries go to consecutive parts (see `part_bounds`): a part is closed at `samples_per_shard` images or
-    pairs, or before the next entry would take it past `shard_bytes`. Skipped and repaired counts are listed
-    with the first part. A shard left with no samples gets one entry with no bytes and no file.
+    pairs, or before the next entry would take it past `shard_bytes`. Held-out entries (see `holdout`) fill
+    parts of their own named `val-{kind}-{index:06d}[-{part:03d}].tar` (a `ValidationPlan` holds only them).
+    Skipped and repaired counts, and the histogram of its visual codes per source (`code_counts`, which the
+    manifest adds up rather than lists), go with the first file. A shard left with no samples gets one entry
+    with no bytes and no file.
     """
     plan = work.plan
     max_samples = None if plan.kind == "text" else config.samples_per_shard
-    bounds = part_bounds([sample_tar_bytes(s) for s in work.samples], max_samples, config.shard_bytes) or [(0, 0)]
     parts = []
-    for part, (start, stop) in enumerate(bounds):
-        written = work.written(start, stop)
-        name = shard_name(plan.kind, plan.index, part)
-        data = tar_bytes(work.samples[start:stop]) if stop > start else b""
-        record = (ShardRecord.of(name, plan.name, plan.kind, sum(written.values()), stop - start, data) if data
-                  else ShardRecord(name, plan.name, plan.kind, 0, 0, 0, None))
-        first = part == 0
-        parts.append((data, {**record.__dict__, "written": dict(written),
-                             "skipped": _by_source(work.skipped) if first else {},
-                             "repaired": _by_source(work.repaired) if first else {}}))
+    for held_out, name_of in ((False, shard_name), (True, validation_name)):
+        entries = [entry for entry, held in enumerate(work.held_out) if held == held_out]
+        sizes = [sample_tar_bytes(work.samples[entry]) for entry in entries]
+        for part, (start, stop) in enumerate(part_bounds(sizes, max_samples, config.shard_bytes)):
+            chosen = entries[start:stop]
+            written, name = work.written(chosen), name_of(plan.kind, plan.index, part)
+            data = tar_bytes([work.samples[entry] for entry in chosen])
+            record = ShardRecord.of(name, plan.name, plan.kind, sum(written.values()), len(chosen), data)
+            parts.append((data, {**record.__dict__, "written": dict(written), "skipped": {}, "repaired": {}}))
+    if not parts:
+        record = ShardRecord(plan.name, plan.name, plan.kind, 0, 0, 0, None)
+        parts.append((b"", {**record.__dict__, "written": {}, "skipped": {}, "repaired": {}}))
+    first = parts[0][1]
+    first.update(skipped=_by_source(work.skipped), repaired=_by_source(work.repaired))
+    if work.code_counts:
+        first["code_counts"] = {source: counts.tolist() for source, counts in sorted(work.code_counts.items())}
     return parts

@@ -2,10 +2,12 @@
 
 The plan is a pure function of the input listing (sorted) and the config, so a re-run of an interrupted
 job plans the same shards with the same samples, skips the finished ones, and redoes the rest identically.
-Image shards hold `samples_per_shard` images of class folders in a seeded permutation of the listing, and so do
-pair shards from tables and COCO annotations; an input tar (a per-class ImageNet tar, or a WebDataset tar of pairs) becomes one
-planned shard, so it is read once; a text shard holds the packed segments of one input file or file part. A
-planned shard that exceeds the sample or byte target is written as several parts (see `DataConfig`).
+Image shards hold `samples_per_shard` images in a seeded permutation of everything listed: class-folder files and
+the samples of per-class tars alike, so that no shard holds one class. Pair shards do the same with table and COCO
+rows and the samples of downloader tars. Input tars are indexed first (headers only, see `tar_index`) and each of
+their samples is read later with one range request; a compressed tar, which ranges cannot address, stays one
+planned shard of its own. A text shard holds the packed segments of one input file or file part. A planned shard
+that exceeds the sample or byte target is written as several parts (see `DataConfig`).
 """
 
 import codecs
@@ -15,6 +17,7 @@ import json
 import logging
 import random
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow
@@ -23,6 +26,7 @@ import pyarrow.parquet
 from .config import CocoPairSource, DataConfig, ImageNetSource, TablePairSource, TextSource, WebDatasetPairSource
 from .shards import shard_name
 from .storage import open_storage
+from .tar_index import TarIndex, image_samples, index_tar, pair_samples
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
@@ -46,7 +50,8 @@ class ImageItem:
 
 @dataclass(frozen=True)
 class ImageTar:
-    """One per-class tar (`n01440764.tar`); it becomes one planned shard, read once when that shard is built."""
+    """One per-class tar (`n01440764.tar`), whose label is its name. Its samples are planned one by one; compressed,
+    it is one planned shard, read whole when that shard is built."""
 
     source: str
     root: str
@@ -84,7 +89,7 @@ class PairItem:
 
 @dataclass(frozen=True)
 class PairTar:
-    """One input WebDataset tar of pairs; its samples are read when the shard is built."""
+    """One input WebDataset tar of pairs. Its samples are planned one by one; compressed, it is one planned shard."""
 
     source: str
     root: str
@@ -317,10 +322,33 @@ def _chunks(items: list, size: int) -> list[tuple]:
     return [tuple(items[start : start + size]) for start in range(0, len(items), size)]
 
 
+INDEXING_THREADS = 16
+"""Input tars indexed at once: reading headers is waiting on storage (range requests on S3), not computing."""
+
+
+def _indexed(tars: list) -> list[TarIndex]:
+    with ThreadPoolExecutor(INDEXING_THREADS) as pool:
+        return list(pool.map(lambda tar: index_tar(tar.root, tar.name), tars))
+
+
+def _tar_units(tars: list, samples_of) -> tuple[list, list[tuple]]:
+    """The samples (and findings) of uncompressed input tars, to be planned with the rest of their kind, and a
+    unit of its own for each compressed tar."""
+    samples, whole = [], []
+    for tar, index in zip(tars, _indexed(tars)):
+        if index.compressed:
+            log.warning("source %s: %s is compressed, so it cannot be read by ranges: it is read whole into one "
+                        "shard, not mixed with the rest of its source", tar.source, index.origin)
+            whole.append((tar,))
+        else:
+            samples += samples_of(tar, index)
+    return samples, whole
+
+
 def plan_shards(config: DataConfig) -> list[ShardPlan]:
-    """Class-folder images and table or COCO pairs go to shards in a permutation of the listing seeded by
-    `seed`, so that a shard mixes its whole source rather than holding one class or one stretch of annotations
-    (the trainer shuffles only within a window of shards)."""
+    """Images and pairs go to shards in a permutation of the listing seeded by `seed`, so that a shard mixes its
+    whole source rather than holding one class, one input tar or one stretch of annotations (the trainer shuffles
+    only within a window of shards)."""
     images, image_tars, texts, pairs, pair_tars = [], [], [], [], []
     for source in config.sources:
         if isinstance(source, ImageNetSource):
@@ -335,12 +363,24 @@ def plan_shards(config: DataConfig) -> list[ShardPlan]:
             pairs += list_coco(source)
         else:
             pair_tars += list_pair_tars(source)
+    tar_images, whole_image_tars = _tar_units(image_tars, lambda tar, index: image_samples(
+        tar.source, tar.root, tar.name, tar.index, tar.label, index, IMAGE_SUFFIXES))
+    tar_pairs, whole_pair_tars = _tar_units(pair_tars, lambda tar, index: pair_samples(
+        tar.source, tar.root, tar.name, tar.index, index))
+    images += tar_images
+    pairs += tar_pairs
+    from .holdout import split_listed, validation_plans  # holdout builds on this module's plans
+
+    images, held_images = split_listed(images, config, [tar for (tar,) in whole_image_tars])
+    pairs, held_pairs = split_listed(pairs, config, [tar for (tar,) in whole_pair_tars])
     size = config.samples_per_shard
     random.Random(f"{config.seed}/image").shuffle(images)
     random.Random(f"{config.seed}/pair").shuffle(pairs)
-    image_units = _chunks(images, size) + [(image_tar,) for image_tar in image_tars]
+    image_units = _chunks(images, size) + whole_image_tars
     plans = [ShardPlan("image", i, unit) for i, unit in enumerate(image_units)]
     plans += [ShardPlan("text", i, (text_file,)) for i, text_file in enumerate(texts)]
-    pair_units = _chunks(pairs, size) + [(pair_tar,) for pair_tar in pair_tars]
+    pair_units = _chunks(pairs, size) + whole_pair_tars
     plans += [ShardPlan("pair", i, unit) for i, unit in enumerate(pair_units)]
+    plans += validation_plans("image", held_images, len(image_units), size)
+    plans += validation_plans("pair", held_pairs, len(pair_units), size)
     return plans

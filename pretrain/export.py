@@ -78,7 +78,18 @@ def export_checkpoint(run_dir: Path, output_dir: Path, tag: str | None = None, d
                    "notes": report.notes}
     config_path = output_dir / "config.json"
     config_path.write_text(json.dumps(description, indent=1))
-    return ExportResult(tag, [pth, safetensors_path, config_path], report.notes)
+    unfinished = unfinished_note(run_dir, tag)
+    return ExportResult(tag, [pth, safetensors_path, config_path], report.notes + ([unfinished] if unfinished else []))
+
+
+def unfinished_note(run_dir: Path, tag: str) -> str | None:
+    """Says so when the checkpoint is not the run's last step: a run stopped, failed or still going."""
+    steps = read_config_mapping(run_dir / "config.yaml").get("steps")
+    step = int(tag.rpartition("-")[2]) if tag.rpartition("-")[2].isdigit() else None
+    if step is None or not isinstance(steps, int) or step >= steps:
+        return None
+    return (f"{tag} is step {step:,} of the run's {steps:,}: the run has not finished (it was stopped, failed, or "
+            "is still running), so these are mid-training weights")
 
 
 @dataclass

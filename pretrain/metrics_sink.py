@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from beit3.redaction import redact_urls, split_url_credentials
 
 RUN_ID_FILE = "mlflow_run_id"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+"""How MLflow's UI classifies the experiment: model training, not GenAI tracing or evaluation."""
 
 
 class MetricsSink(Protocol):
@@ -66,6 +68,7 @@ class MlflowSink:
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
+        self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         id_file = run_dir / RUN_ID_FILE
         resumed = id_file.exists()
         run = mlflow.start_run(run_id=id_file.read_text().strip() if resumed else None, experiment_id=experiment_id,

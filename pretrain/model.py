@@ -72,12 +72,14 @@ def drop_path_scale(batch: int, rate: float, reference: torch.Tensor) -> torch.T
     """Per-sample stochastic-depth factor, shape [batch, 1, 1], or None when nothing is dropped.
 
     One factor per sample is shared by all of that sample's segments, so an image-text pair keeps or drops
-    its residual branch as a whole, as a per-sequence drop path on the joined sequence would.
+    its residual branch as a whole, as a per-sequence drop path on the joined sequence would. Drawn as
+    uniform < keep rather than `bernoulli_(keep)`, whose float probability a compiler must fix per call: with
+    a rate per depth, every layer would compile its own graph.
     """
     if rate == 0.0:
         return None
     keep = 1.0 - rate
-    return torch.empty(batch, 1, 1, dtype=reference.dtype, device=reference.device).bernoulli_(keep) / keep
+    return (torch.rand(batch, 1, 1, device=reference.device) < keep).to(reference.dtype) / keep
 
 
 class AttentionBranch(nn.Module):

@@ -33,6 +33,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import numpy as np
 import torch
@@ -61,6 +62,12 @@ IMAGE_MEAN = IMAGE_STD = 0.5
 logger = logging.getLogger(__name__)
 SHARD_NAME = re.compile(rf"(?:{'|'.join(KINDS)})-[0-9]{{6,}}(?:-[0-9]{{3}})?\.tar")
 """The names `shard_name` gives; a manifest naming anything else (a path, a URL, a `pipe:` command) is refused."""
+VALIDATION_PREFIX = "val-"
+"""Held-out shards are named like training shards behind this prefix, and only the manifest's
+`validation_shards` list may name them."""
+MAX_LABEL_CHARS = 200
+MAX_PROVENANCE_BYTES = 64 * 1024
+"""A sample's `json` provenance is parsed only below this size: it carries a file name and a class label."""
 SHA256 = re.compile(r"[0-9a-f]{64}")
 REQUIRED_FIELDS = {"image": {"jpg", "views.json"}, "pair": {"jpg", "views.json", "ids.npy"}, "text": {"ids.npy"}}
 """What every sample of a shard of each kind holds (see beit3.data_pipeline.shards)."""
@@ -144,16 +151,28 @@ class DatasetIndex:
     """Per dataset, the sha256 of its manifest's bytes (recorded by runs to detect a changed dataset)."""
     contracts: dict[str, DataContract]
     """Per dataset, its manifest's `contract` as recorded (see beit3.pretrain.data_contract)."""
+    validation: dict[str, list[ShardRef]] = dataclass_field(default_factory=lambda: {kind: [] for kind in KINDS})
+    """Per kind, the held-out shards (`validation_shards`, named `val-{kind}-NNNNNN.tar`), checked like `shards`;
+    empty lists when the manifests list none."""
 
 
-def _entry_problem(entry: object) -> str | None:
-    """What is wrong with one shard entry of a manifest, if anything."""
+def shard_kind(name: str) -> str:
+    """The kind of a training or held-out shard from its name: image, text or pair."""
+    return name.removeprefix(VALIDATION_PREFIX).partition("-")[0]
+
+
+def _is_shard_name(name: str) -> bool:
+    return SHARD_NAME.fullmatch(name.removeprefix(VALIDATION_PREFIX)) is not None
+
+
+def _entry_problem(entry: object, prefix: str = "") -> str | None:
+    """What is wrong with one shard entry of a manifest, if anything; held-out entries carry `prefix`."""
     if not isinstance(entry, dict):
         return f"expected a shard entry, got {type(entry).__name__} {entry!r:.60}"
     name, kind, samples, sha256 = (entry.get(field) for field in ("name", "kind", "samples", "sha256"))
-    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
-        return f"name {name!r:.80} is not a shard file name such as image-000000.tar"
-    if kind not in KINDS or not name.startswith(f"{kind}-"):
+    if not (isinstance(name, str) and name.startswith(prefix) and SHARD_NAME.fullmatch(name.removeprefix(prefix))):
+        return f"name {name!r:.80} is not a shard file name such as {prefix}image-000000.tar"
+    if kind not in KINDS or not name.startswith(f"{prefix}{kind}-"):
         return f"{name}: kind {kind!r:.40} does not match the name (expected one of {', '.join(KINDS)})"
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
         return f"{name}: samples {samples!r:.40} is not a count"
@@ -162,16 +181,20 @@ def _entry_problem(entry: object) -> str | None:
     return None
 
 
-def _manifest_shards(dataset: str, manifest: object) -> list[dict]:
-    """The manifest's non-empty shard entries, every entry checked first: the names are plain shard file names,
-    so nothing a manifest says is ever used as a path outside the dataset, a URL or a command."""
-    entries = manifest.get("shards") if isinstance(manifest, dict) else None
+def _manifest_shards(dataset: str, manifest: object, held_out: bool = False) -> list[dict]:
+    """The manifest's non-empty shard entries (`shards`, or with `held_out` the optional `validation_shards`),
+    every entry checked first: the names are plain shard file names, so nothing a manifest says is ever used as
+    a path outside the dataset, a URL or a command."""
+    key, prefix = ("validation_shards", VALIDATION_PREFIX) if held_out else ("shards", "")
+    entries = manifest.get(key) if isinstance(manifest, dict) else None
+    if held_out and entries is None:
+        return []
     if not isinstance(entries, list):
-        raise ShardDataError(f"{dataset}: the manifest lists no shards (is this the output of `beit3 data build`?)")
+        raise ShardDataError(f"{dataset}: the manifest lists no {key} (is this the output of `beit3 data build`?)")
     for position, entry in enumerate(entries):
-        problem = _entry_problem(entry)
+        problem = _entry_problem(entry, prefix)
         if problem:
-            raise ShardDataError(f"{dataset}: manifest shard entry {position}: {problem}")
+            raise ShardDataError(f"{dataset}: manifest {key} entry {position}: {problem}")
     return [entry for entry in entries if entry["samples"] > 0]
 
 
@@ -192,20 +215,24 @@ def index_datasets(datasets: list[str]) -> DatasetIndex:
     """Each dataset's manifest read and checked once, and its storage listed once (one listing is many requests
     on S3)."""
     shards: dict[str, list[ShardRef]] = {kind: [] for kind in KINDS}
+    validation: dict[str, list[ShardRef]] = {kind: [] for kind in KINDS}
     digests, contracts = {}, {}
     for dataset in datasets:
         manifest, digests[dataset] = read_manifest(dataset)
         listed = _manifest_shards(dataset, manifest)
+        held_out = _manifest_shards(dataset, manifest, held_out=True)
         contract = _manifest_contract(dataset, manifest)
-        stored = set(open_storage(dataset).list()) if listed else set()
-        missing = [entry["name"] for entry in listed if entry["name"] not in stored]
+        stored = set(open_storage(dataset).list()) if listed or held_out else set()
+        missing = [entry["name"] for entry in listed + held_out if entry["name"] not in stored]
         if missing:
             raise ShardDataError(f"{dataset}: {len(missing)} shard(s) named in the manifest are missing, e.g. "
                                  f"{', '.join(missing[:3])}")
-        for entry in listed:
-            shards[entry["kind"]].append(ShardRef(dataset, entry["name"], entry["samples"], entry["sha256"], contract))
+        for entries, refs in ((listed, shards), (held_out, validation)):
+            for entry in entries:
+                refs[entry["kind"]].append(ShardRef(dataset, entry["name"], entry["samples"], entry["sha256"],
+                                                    contract))
         contracts[dataset] = contract
-    return DatasetIndex(shards, digests, contracts)
+    return DatasetIndex(shards, digests, contracts, validation)
 
 
 def shards_for_worker(shards: list[ShardRef], seed: int, stream: str, epoch: int, rank: int, world_size: int,
@@ -219,7 +246,7 @@ def shards_for_worker(shards: list[ShardRef], seed: int, stream: str, epoch: int
 def read_shard_bytes(ref: ShardRef, attempts: int = 8, backoff_seconds: float = 1.0) -> bytes:
     """The shard's bytes, retried with exponential backoff (capped at a minute) through storage outages; after
     `attempts` the run fails naming the shard, so no shard is ever skipped."""
-    if not SHARD_NAME.fullmatch(ref.name):
+    if not _is_shard_name(ref.name):
         raise ShardDataError(f"{ref.url}: {ref.name!r:.80} is not a shard file name such as image-000000.tar")
     for attempt in range(1, attempts + 1):
         try:
@@ -398,6 +425,21 @@ def _views(data: bytes, width: int, height: int, contract: DataContract) -> list
     return [View.from_json(view) for view in views]
 
 
+def _label(provenance: bytes | None) -> str | None:
+    """The class label the pipeline records in a sample's `json` provenance (class-folder and per-class tar
+    sources), or None: a label is only ever read by the representation probe, so a missing, oversized or
+    malformed one leaves the sample unlabelled rather than failing training."""
+    if provenance is None or len(provenance) > MAX_PROVENANCE_BYTES:
+        return None
+    try:
+        label = json.loads(provenance).get("label")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    if isinstance(label, str) and 0 < len(label) <= MAX_LABEL_CHARS and label.isprintable():
+        return label
+    return None
+
+
 def _checked_fields(kind: str, entry: dict, contract: DataContract) -> dict:
     """A tar entry's fields decoded and checked against the shard format and the manifest's contract (the
     model's own limits are checked by SampleDecoder); `__url__` and `__key__` name it in later errors."""
@@ -405,7 +447,8 @@ def _checked_fields(kind: str, entry: dict, contract: DataContract) -> dict:
     if kind == "text":
         return {**fields, "ids": _text_block(entry["ids.npy"], contract)}
     width, height = _stored_image_size(entry["jpg"], contract)
-    fields.update(jpg=entry["jpg"], views=_views(entry["views.json"], width, height, contract))
+    fields.update(jpg=entry["jpg"], views=_views(entry["views.json"], width, height, contract),
+                  label=_label(entry.get("json")))
     if "codes.npy" in entry:
         fields["codes"] = _stored_array("codes.npy", entry["codes.npy"], ("views", "rows", "cols"))
         if len(fields["codes"]) != len(fields["views"]):
@@ -423,7 +466,7 @@ def read_shard_samples(ref: ShardRef, verify_sha256: bool, attempts: int = 8,
     data = read_shard_bytes(ref, attempts, backoff_seconds)
     if verify_sha256 and hashlib.sha256(data).hexdigest() != ref.sha256:
         raise ShardDataError(f"{ref.url}: sha256 differs from the manifest's (the shard was altered or truncated)")
-    kind = ref.name.partition("-")[0]
+    kind = shard_kind(ref.name)
     samples = []
     for entry in _shard_entries(ref, data):
         key = f"{ref.name}/{entry['__key__']}"
@@ -593,6 +636,84 @@ class MicroBatchStream(IterableDataset):
             if len(pending) == micro:
                 yield collate([sample for _, sample in pending], [key for key, _ in pending])
                 pending = []
+
+
+def rank_block(total: int, rank: int, world_size: int) -> range:
+    """The contiguous share of `total` items a rank takes: every rank reads only the shards its block covers."""
+    return range(total * rank // world_size, total * (rank + 1) // world_size)
+
+
+@dataclass(frozen=True)
+class HeldOutShare:
+    """One rank's block of a fixed subset: (key, checked fields) in order, and the subset's size over all ranks.
+    A rank whose block is empty holds the subset's first sample as `filler`, so that under ZeRO-3 it can join
+    the other ranks' forwards without counting anything."""
+
+    samples: list[tuple[str, dict]]
+    total: int
+    filler: tuple[str, dict] | None = None
+
+
+def first_samples(refs: list[ShardRef], count: int, rank: int, world_size: int, verify_sha256: bool = True,
+                  attempts: int = 8, backoff_seconds: float = 1.0) -> HeldOutShare:
+    """This rank's block of the first `count` samples of `refs`, in the manifest's order: a fixed subset that no
+    seed decides, read from only the shards the block covers."""
+    total = min(count, sum(ref.samples for ref in refs))
+    block = rank_block(total, rank, world_size) or range(min(total, 1))
+    taken, start = [], 0
+    for ref in refs:
+        if start >= block.stop:
+            break
+        if start + ref.samples > block.start:
+            samples = read_shard_samples(ref, verify_sha256, attempts, backoff_seconds)
+            taken += samples[max(block.start - start, 0) : block.stop - start]
+        start += ref.samples
+    if not rank_block(total, rank, world_size):
+        return HeldOutShare([], total, taken[0] if taken else None)
+    return HeldOutShare(taken, total)
+
+
+def first_labelled_images(refs: list[ShardRef], count: int, rank: int, world_size: int, verify_sha256: bool = True,
+                          attempts: int = 8, backoff_seconds: float = 1.0) -> tuple[HeldOutShare, list[str]]:
+    """This rank's block of the first `count` images of `refs` that carry a class label, and every label of the
+    subset in order (all ranks read the same shards, once per run, since only reading tells which are
+    labelled)."""
+    labelled: list[tuple[str, dict]] = []
+    for ref in refs:
+        if len(labelled) >= count:
+            break
+        labelled += [(key, fields) for key, fields in read_shard_samples(ref, verify_sha256, attempts, backoff_seconds)
+                     if fields.get("label") is not None]
+    labelled = labelled[:count]
+    block = rank_block(len(labelled), rank, world_size)
+    labels = [fields["label"] for _, fields in labelled]
+    if not block:
+        return HeldOutShare([], len(labelled), labelled[0] if labelled else None), labels
+    return HeldOutShare(labelled[block.start : block.stop], len(labelled)), labels
+
+
+def centre_view(fields: dict, image_size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """The model's input for a representation probe: the stored image's centre square, unjittered and unflipped,
+    resized and normalised as training inputs are (no seed involved)."""
+    try:
+        with Image.open(io.BytesIO(fields["jpg"]), formats=["JPEG"]) as image:
+            stored = image.convert("RGB")
+    except IMAGE_DECODE_ERRORS as error:
+        raise _sample_error(fields, f"jpg does not decode ({_one_line(error)})") from None
+    side = min(stored.width, stored.height)
+    view = View((stored.height - side) // 2, (stored.width - side) // 2, side, side, False)
+    pixels = crop_resized(stored, view, image_size, interpolation).float() / 255
+    return (pixels - IMAGE_MEAN) / IMAGE_STD
+
+
+def held_out_batches(samples: list[tuple[str, dict]], settings: StreamSettings) -> list[dict]:
+    """Micro-batches of held-out samples with views and masks drawn as in training, but at epoch 0 of
+    `settings.seed` (the evaluation seed): the same inputs at every evaluation, whatever the run's seed or step."""
+    decoder = SampleDecoder(settings)
+    decoded = [(key, decoder(key, fields, 0)) for key, fields in samples]
+    micro = settings.micro_batch
+    return [collate([sample for _, sample in decoded[first : first + micro]],
+                    [key for key, _ in decoded[first : first + micro]]) for first in range(0, len(decoded), micro)]
 
 
 def build_loader(dataset: MicroBatchStream, workers: int, prefetch_batches: int) -> DataLoader:

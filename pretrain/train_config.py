@@ -96,6 +96,31 @@ class MlflowSettings(_Strict):
         return redact_urls(uri) if uri else uri
 
 
+class ProbeSettings(_Strict):
+    """The weighted kNN probe (DINO's): held-out labelled images classified by their nearest labelled training
+    images."""
+
+    enabled: bool = True
+    bank_samples: int = Field(10_000, gt=0, description="Labelled training images the held-out ones are matched "
+                              "against (the first ones of the training image shards).")
+    k: int = Field(20, gt=0, description="Neighbours that vote.")
+    temperature: float = Field(0.07, gt=0, description="Votes weigh exp(cosine similarity / temperature).")
+
+
+class EvalSettings(_Strict):
+    """Held-out evaluation: each objective's masked-prediction loss and accuracy on the first `samples` of each
+    kind of the datasets' validation shards, with views and masks drawn from `seed` alone."""
+
+    enabled: bool = True
+    every_steps: int = Field(5000, gt=0, description="Also evaluated at step 0 and at the last step.")
+    samples: int = Field(1024, gt=0, description="Held-out samples of each kind (image, text, pair), and the "
+                         "held-out labelled images the probe classifies.")
+    seed: int = Field(0, description="Views and masks of the held-out samples; independent of the run's seed.")
+    micro_batch: int | None = Field(None, gt=0, description="Samples per rank and forward; default: the training "
+                                    "micro-batch of each stream (of images for the probe).")
+    probe: ProbeSettings = ProbeSettings()
+
+
 class PretrainConfig(_Strict):
     name: str
     run_dir: str = Field(description="Checkpoints, the saved configs, metrics and the default MLflow store.")
@@ -109,12 +134,15 @@ class PretrainConfig(_Strict):
     optimizer: OptimizerSettings = OptimizerSettings()
     zero: ZeroSettings = ZeroSettings()
     precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = Field(False, description="Compile each Multiway layer with torch.compile "
+                          "(beit3.pretrain.compilation); the first steps then spend minutes compiling.")
     steps: int = Field(1_000_000, gt=0)
     seed: int = 0
     log_every_steps: int = Field(10, gt=0)
     checkpoint: CheckpointSettings = CheckpointSettings()
     resume: Literal["auto", "never"] = Field("auto", description="'auto': continue from the latest checkpoint.")
     mlflow: MlflowSettings = MlflowSettings()
+    eval: EvalSettings = EvalSettings()
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":

@@ -21,8 +21,10 @@ import torch.distributed as dist
 import yaml
 
 from beit3.config import ConfigError
-from beit3.data_pipeline.storage import local_copy
+from beit3.data_pipeline.storage import check_usable, local_copy
+from beit3.pretrain.compilation import compile_layers
 from beit3.pretrain.data_contract import check_data_contract
+from beit3.pretrain.evaluation import Evaluator
 from beit3.pretrain.checkpoints import (
     UNIVERSAL,
     CheckpointError,
@@ -109,6 +111,8 @@ class StepTotals:
     predicted: dict = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0.0))
     tokens: dict = field(default_factory=lambda: dict.fromkeys(("image", "text", "pair"), 0.0))
     keys: list[str] = field(default_factory=list)
+    codes: torch.Tensor | None = None
+    """Histogram of the visual codes the step's masked image patches are trained to predict."""
 
     def as_tensor(self, device: torch.device) -> torch.Tensor:
         values = [self.loss[c] for c in COMPONENTS] + [self.correct[c] for c in COMPONENTS]
@@ -133,7 +137,7 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype, visua
     return moved
 
 
-PHASES = ("data_wait", "compute", "optimizer", "other")
+PHASES = ("data_wait", "compute", "optimizer", "other", "eval")
 
 
 class PhaseClock:
@@ -197,6 +201,10 @@ class Trainer:
             for stream, batch in batches.items():
                 batch = to_device(batch, self.device, self.float_dtype, self.visual_tokenizer)
                 totals.keys += batch["keys"]
+                if "image_mask" in batch:
+                    targets = torch.bincount(batch["codes"][batch["image_mask"]],
+                                             minlength=self.config.model.visual_vocab_size)
+                    totals.codes = targets if totals.codes is None else totals.codes + targets
                 totals.tokens[stream] += self._tokens(batch)
                 for component, (summed, correct, count) in masked_prediction(self.engine, stream, batch).items():
                     loss = loss + self.weights[component] * scales[component] * summed
@@ -230,6 +238,30 @@ class Trainer:
         if "text_padding_mask" in batch:
             tokens = tokens + (~batch["text_padding_mask"]).sum()
         return tokens
+
+
+def stream_settings(config: PretrainConfig, stream: str, micro_batch: int, text_tokenizer: TextTokenizer,
+                    visual_tokenizer=None) -> StreamSettings:
+    """What the loader of one stream needs from the recipe, the model and the tokenizers."""
+    grid = config.model.grid_size
+    return StreamSettings(
+        stream=stream, micro_batch=micro_batch, seed=config.seed, image_size=config.model.image_size,
+        grid=grid, mask_id=text_tokenizer.mask_id, image_ratio=config.masking.image_ratio,
+        mask_pair_images=config.masking.mask_pair_images, text_rate=config.masking.text_rate,
+        caption_rate=config.masking.caption_rate, views=config.augment,
+        tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
+        shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256,
+        read_attempts=config.data.read_attempts, read_backoff_seconds=config.data.read_backoff_seconds,
+        text_vocab_size=text_tokenizer.vocab_size, codebook_size=config.model.visual_vocab_size,
+        max_text_len=config.model.max_text_len)
+
+
+def code_perplexity(counts: torch.Tensor) -> float:
+    """exp of the entropy of a code histogram: how many codes the targets effectively use (1 when one code is
+    every target, the codebook size when all are used equally)."""
+    share = counts.double() / counts.sum()
+    share = share[share > 0]
+    return float(torch.exp(-(share * share.log()).sum()))
 
 
 def _reduce(totals: StepTotals, device: torch.device) -> torch.Tensor:
@@ -272,7 +304,8 @@ def step_metrics(reduced: torch.Tensor, seconds: float, lr: float, grad_norm: fl
 
 def phase_metrics(spent: dict[str, float], steps: int) -> dict[str, float]:
     """A logging window's step-time breakdown: seconds per step in each phase, and each phase's share of the
-    step. `other` (logging and checkpointing) of a step is counted when the next step starts."""
+    step. `other` (logging and checkpointing) of a step is counted when the next step starts; `eval` is the
+    held-out evaluation."""
     total = sum(spent.values()) or 1.0
     metrics = {f"time/{phase}": seconds / steps for phase, seconds in spent.items()}
     metrics.update({f"time/{phase}_fraction": seconds / total for phase, seconds in spent.items()})
@@ -312,12 +345,22 @@ class Preflight:
     fingerprint: dict
     resume_point: ResumePoint
     text_tokenizer: TextTokenizer
+    validation: dict[str, list] = field(default_factory=dict)
+    """Per kind, the held-out shards evaluation reads."""
+    probe_bank: list = field(default_factory=list)
+    """The training image shards the kNN probe's labelled bank comes from."""
+    steps_change: str | None = None
+    """How `steps` changed on this resume, when --allow-steps-change let it."""
 
 
-def preflight(config: PretrainConfig, world_size: int, require_resume: bool = False) -> Preflight:
+def preflight(config: PretrainConfig, world_size: int, require_resume: bool = False,
+              allow_steps_change: bool = False) -> Preflight:
     """Batch division, shards present, the data contract, the tokenizer fits the model, and a resume that can be
     exact."""
     split = split_batch(config.batch, world_size)
+    for dataset in config.data.datasets:  # in seconds, one line: no such bucket, access denied, endpoint away
+        check_usable("data.datasets", dataset, "read_folder")
+    check_usable("data.text_tokenizer", config.data.text_tokenizer, "read_file")
     index = index_datasets(config.data.datasets)
     manifests = index.manifest_digests
     shards = {stream: index.shards[stream] for stream in config.active_streams()}
@@ -338,19 +381,39 @@ def preflight(config: PretrainConfig, world_size: int, require_resume: bool = Fa
     resume_point = found if (config.resume == "auto" or require_resume) else ResumePoint(None)
     if require_resume and resume_point.tag is None:
         raise CheckpointError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+    steps_change = None
     if resume_point.tag is not None:
         check_resume(json.loads((run_dir / RUN_STATE).read_text()), fingerprint, manifests)
+        steps_change = check_steps_change(run_dir, config.steps, resume_point.tag, allow_steps_change)
     text_tokenizer = TextTokenizer(text_tokenizer_path)
     if text_tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the text tokenizer's "
                           f"vocabulary ({text_tokenizer.vocab_size})")
-    return Preflight(split, shards, manifests, fingerprint, resume_point, text_tokenizer)
+    return Preflight(split, shards, manifests, fingerprint, resume_point, text_tokenizer, index.validation,
+                     index.shards["image"], steps_change=steps_change)
 
 
-def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None) -> TrainResult:
+def check_steps_change(run_dir: Path, steps: int, tag: str, allowed: bool) -> str | None:
+    """`steps` sets where the cosine schedule reaches `min_lr`, so changing it on resume moves the learning rate
+    of every later step: refused unless allowed, and then described (printed, and tagged on the MLflow run)."""
+    saved = run_dir / "config.yaml"
+    before = yaml.safe_load(saved.read_text()).get("steps") if saved.exists() else None
+    if before is None or before == steps:
+        return None
+    change = f"steps changed from {before:,} to {steps:,} when resuming from {tag}"
+    if not allowed:
+        raise ResumeError(f"cannot resume: steps: was {before:,}, now {steps:,}; the cosine schedule decays to "
+                          f"min_lr at steps, so every later learning rate would change; restore steps: {before}, "
+                          "or pass --allow-steps-change to continue with the new schedule")
+    return change
+
+
+def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None,
+          allow_steps_change: bool = False) -> TrainResult:
     """Run (or continue) the configured pretraining; `stop_after_step` ends this process early (tests, benchmarks)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher set for the process group to come
-    checked = preflight(config, world_size, require_resume)  # before any process group: a bad recipe fails now
+    # before any process group: a bad recipe fails now
+    checked = preflight(config, world_size, require_resume, allow_steps_change)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     if device.type == "cuda":
@@ -385,6 +448,8 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
 
     torch.manual_seed(config.seed)
     model = MultiwayTransformer(config.model)
+    if config.compile:
+        compile_layers(model)
     optimizer = build_optimizer(model, config.optimizer)
     optimizer_groups = [{"weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -411,26 +476,22 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
     samples_log.parent.mkdir(parents=True, exist_ok=True)
     _truncate_log(samples_log, step)
 
-    grid = config.model.grid_size
-    streams = {}
+    streams, settings = {}, {}
     for stream in shards:
-        settings = StreamSettings(
-            stream=stream, micro_batch=split.micro[stream], seed=config.seed, image_size=config.model.image_size,
-            grid=grid, mask_id=text_tokenizer.mask_id, image_ratio=config.masking.image_ratio,
-            mask_pair_images=config.masking.mask_pair_images, text_rate=config.masking.text_rate,
-            caption_rate=config.masking.caption_rate, views=config.augment,
-            tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
-            shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256,
-            read_attempts=config.data.read_attempts, read_backoff_seconds=config.data.read_backoff_seconds,
-            text_vocab_size=text_tokenizer.vocab_size, codebook_size=config.model.visual_vocab_size,
-            max_text_len=config.model.max_text_len)
-        dataset = MicroBatchStream(shards[stream], settings, rank, world_size, start_micro_batches=positions[stream])
+        settings[stream] = stream_settings(config, stream, split.micro[stream], text_tokenizer, visual_tokenizer)
+        dataset = MicroBatchStream(shards[stream], settings[stream], rank, world_size,
+                                   start_micro_batches=positions[stream])
         streams[stream] = iter(build_loader(dataset, config.data.workers, config.data.prefetch_batches))
 
     sink: MetricsSink = DiscardingSink()
     if rank == 0:
+        if checked.steps_change:
+            print(f"train: {checked.steps_change} (--allow-steps-change): the learning rate now follows the new "
+                  "schedule", flush=True)
         tags = {"git_commit": _git_commit(), "world_size": str(world_size), "zero_stage": str(config.zero.stage),
                 "precision": config.precision}
+        if checked.steps_change:
+            tags["steps_change"] = checked.steps_change  # the `steps` param keeps the run's first value
         sink = MlflowSink(run_dir, tracking_uri(config.mlflow.tracking_uri, run_dir), config.mlflow.experiment,
                           config.name, flatten("", config.model_dump(mode="json")), tags,
                           config.mlflow.system_metrics_interval_seconds if config.mlflow.log_system_metrics else None)
@@ -441,12 +502,20 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
               + (f"resumed from {tag}" if tag else "new run") + f"; run dir {run_dir}", flush=True)
 
     trainer = Trainer(config, split, engine, streams, device, visual_tokenizer)
+    evaluator = Evaluator(config.eval, checked.validation, checked.probe_bank, settings,
+                          config.loss_weights.model_dump(), config.model.hidden, rank, world_size,
+                          lambda batch: to_device(batch, device, trainer.float_dtype, visual_tokenizer),
+                          say=lambda line: print(line, flush=True) if rank == 0 else None)
+    if evaluator.skipped and rank == 0:
+        print(f"eval: skipped for this run: {evaluator.skipped}", flush=True)
     active = active_parameters_per_token(config.model)
     peak = _peak_flops(device)
     resumed_from, last_step = step, min(config.steps, stop_after_step or config.steps)
     status = "FAILED"
-    window, window_steps = dict.fromkeys(PHASES, 0.0), 0
+    window, window_steps, window_codes = dict.fromkeys(PHASES, 0.0), 0, None
     try:
+        if step == 0 and not evaluator.skipped:
+            _log_evaluation(_timed_evaluation(evaluator, engine, trainer.clock), 0, rank, run_dir, sink)
         while step < last_step:
             started = time.perf_counter()
             totals = trainer.train_step()
@@ -457,18 +526,29 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
             lr = learning_rate(step - 1, config.optimizer, config.steps)
             metrics = step_metrics(reduced, time.perf_counter() - started, lr, engine.get_global_grad_norm(),
                                    config, split, active, peak)
+            evaluation = {}
+            if not evaluator.skipped and (step % config.eval.every_steps == 0 or step == last_step):
+                evaluation = _timed_evaluation(evaluator, engine, trainer.clock)
+                if rank == 0:
+                    sink.log_metrics(evaluation, step)
+                    print(_evaluation_line(evaluation, step), flush=True)
             for phase, seconds in trainer.clock.seconds().items():
                 window[phase] += seconds
             window_steps += 1
+            if totals.codes is not None:
+                window_codes = totals.codes if window_codes is None else window_codes + totals.codes
             if step % config.log_every_steps == 0 or step == last_step:
                 metrics.update(phase_metrics(window, window_steps))
-                window, window_steps = dict.fromkeys(PHASES, 0.0), 0
+                if window_codes is not None:
+                    dist.all_reduce(window_codes)
+                    metrics["codes/perplexity"] = code_perplexity(window_codes)
+                window, window_steps, window_codes = dict.fromkeys(PHASES, 0.0), 0, None
             with samples_log.open("a") as log:
                 digest = hashlib.sha256("\n".join(totals.keys).encode()).hexdigest()
                 log.write(json.dumps({"step": step, "samples": len(totals.keys), "sha256": digest}) + "\n")
             if rank == 0:
                 with (run_dir / "metrics.jsonl").open("a") as log:
-                    log.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
+                    log.write(json.dumps({"step": step, "wall_time": time.time(), **metrics, **evaluation}) + "\n")
                 if step % config.log_every_steps == 0 or step == last_step:
                     sink.log_metrics(metrics, step)
                     print(f"step {step:>7d}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "
@@ -477,9 +557,36 @@ def train(config: PretrainConfig, require_resume: bool = False, stop_after_step:
                 save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.zero.stage,
                                 config.checkpoint.keep_last)
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"  # Ctrl-C: MLflow shows the run as stopped by the user, not as failed
+        raise
     finally:
         sink.close(status)
     return TrainResult(run_dir, step, resumed_from, sink.run_id)
+
+
+def _timed_evaluation(evaluator: Evaluator, engine, clock: PhaseClock) -> dict[str, float]:
+    """Evaluate, timing it as the step-time breakdown's `eval` phase."""
+    clock.lap("other")
+    evaluation = evaluator.run(engine)
+    clock.lap("eval")
+    return evaluation
+
+
+def _evaluation_line(metrics: dict[str, float], step: int) -> str:
+    probe = f"  kNN top-1 {metrics['probe/knn_top1']:.3f}" if "probe/knn_top1" in metrics else ""
+    losses = "  ".join(f"{name.removeprefix('val/loss/')} {value:.4f}" for name, value in metrics.items()
+                       if name.startswith("val/loss/"))
+    return f"eval {step:>7d}  val loss {metrics['val/loss']:.4f} ({losses}){probe}  {metrics['val/seconds']:.1f}s"
+
+
+def _log_evaluation(metrics: dict[str, float], step: int, rank: int, run_dir: Path, sink: MetricsSink) -> None:
+    """An evaluation outside a training step (the initial weights): its own metrics.jsonl line."""
+    if rank == 0:
+        with (run_dir / "metrics.jsonl").open("a") as log:
+            log.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
+        sink.log_metrics(metrics, step)
+        print(_evaluation_line(metrics, step), flush=True)
 
 
 def _settle_checkpoints(checkpoint_dir: Path, resume_point: ResumePoint) -> None:

@@ -341,29 +341,29 @@ def test_manifest_names_that_are_not_shard_names_are_refused_before_any_read(tmp
     dataset = dataset_with(tmp_path, [entry("image-000000.tar"), entry(name)])
     with pytest.raises(ShardDataError) as error:
         index_datasets([dataset])
-    assert str(error.value) == (f"{dataset}: manifest shard entry 1: name {name!r:.80} is not a shard file name "
+    assert str(error.value) == (f"{dataset}: manifest shards entry 1: name {name!r:.80} is not a shard file name "
                                 "such as image-000000.tar")
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("entries, message", [
     ([{"shard": "image-000000.tar", "kind": "image", "samples": 3}],
-     "manifest shard entry 0: name None is not a shard file name such as image-000000.tar"),
-    ([entry("image-000000.tar", kind="video")], "manifest shard entry 0: image-000000.tar: kind 'video' does not "
+     "manifest shards entry 0: name None is not a shard file name such as image-000000.tar"),
+    ([entry("image-000000.tar", kind="video")], "manifest shards entry 0: image-000000.tar: kind 'video' does not "
      "match the name (expected one of image, text, pair)"),
-    ([entry("image-000000.tar", kind="text")], "manifest shard entry 0: image-000000.tar: kind 'text' does not "
+    ([entry("image-000000.tar", kind="text")], "manifest shards entry 0: image-000000.tar: kind 'text' does not "
      "match the name (expected one of image, text, pair)"),
-    ([entry("image-000000.tar"), entry("pair-000000.tar", kind=None)], "manifest shard entry 1: pair-000000.tar: "
+    ([entry("image-000000.tar"), entry("pair-000000.tar", kind=None)], "manifest shards entry 1: pair-000000.tar: "
      "kind None does not match the name (expected one of image, text, pair)"),
-    ([entry("image-000000.tar", samples="3")], "manifest shard entry 0: image-000000.tar: samples '3' is not a count"),
-    ([entry("image-000000.tar", samples=-1)], "manifest shard entry 0: image-000000.tar: samples -1 is not a count"),
+    ([entry("image-000000.tar", samples="3")], "manifest shards entry 0: image-000000.tar: samples '3' is not a count"),
+    ([entry("image-000000.tar", samples=-1)], "manifest shards entry 0: image-000000.tar: samples -1 is not a count"),
     ([entry("image-000000.tar", samples=True)],
-     "manifest shard entry 0: image-000000.tar: samples True is not a count"),
+     "manifest shards entry 0: image-000000.tar: samples True is not a count"),
     ([entry("image-000000.tar", sha256=None)],
-     "manifest shard entry 0: image-000000.tar: sha256 None is not a sha256 hex digest"),
+     "manifest shards entry 0: image-000000.tar: sha256 None is not a sha256 hex digest"),
     ([entry("image-000000.tar", sha256="abc")],
-     "manifest shard entry 0: image-000000.tar: sha256 'abc' is not a sha256 hex digest"),
-    (["image-000000.tar"], "manifest shard entry 0: expected a shard entry, got str 'image-000000.tar'"),
+     "manifest shards entry 0: image-000000.tar: sha256 'abc' is not a sha256 hex digest"),
+    (["image-000000.tar"], "manifest shards entry 0: expected a shard entry, got str 'image-000000.tar'"),
     ({"image-000000.tar": 3}, "the manifest lists no shards (is this the output of `beit3 data build`?)"),
 ], ids=["no-name", "unknown-kind", "kind-not-the-name's", "no-kind", "count-as-text", "negative-count",
         "count-as-boolean", "no-sha256", "short-sha256", "entry-not-an-object", "shards-not-a-list"])

@@ -1,17 +1,21 @@
-"""Training a SentencePiece model in the XLM-R id layout from a corpus streamed off disk.
+"""Training a SentencePiece model in the XLM-R id layout from a corpus streamed off disk or object storage.
 
-SentencePiece reads the corpus through an iterator and keeps at most `max_sentences` of it (a uniform
-sample when the corpus is larger), so memory stays flat however large the corpus grows, and lines are read no
-longer than MAX_LINE_CHARS, so it stays flat however long a line is.
+Inputs and the output prefix may be local paths or s3:// URLs. SentencePiece reads the corpus through an
+iterator and keeps at most `max_sentences` of it (a uniform sample when the corpus is larger); objects are
+streamed as they are read, never held whole, so memory stays flat however large the corpus grows, and lines are
+read no longer than MAX_LINE_CHARS, so it stays flat however long a line is.
 """
 
 import gzip
 import io
 import json
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece
+
+from beit3.data_pipeline.storage import check_usable, local_copy, open_storage
 
 from .text import TextTokenizer
 
@@ -20,18 +24,27 @@ MAX_LINE_CHARS = 2**20
 compressed file can hold a line of gigabytes."""
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    """Open .txt/.jsonl files, plain, gzip or zstandard compressed (suffixes in any case), decoding invalid UTF-8 as
-    U+FFFD and dropping a UTF-8 byte-order mark."""
-    suffix = path.suffix.lower()
+def _open_binary(location: str):
+    """A local file, or an S3 object's body streamed as it is read."""
+    if not location.startswith("s3://"):
+        return Path(location).open("rb")
+    root, _, name = location.rpartition("/")
+    return open_storage(root).open_stream(name)
+
+
+def _open_text(location: str) -> io.TextIOBase:
+    """Open .txt/.jsonl files or objects, plain, gzip or zstandard compressed (suffixes in any case), decoding
+    invalid UTF-8 as U+FFFD and dropping a UTF-8 byte-order mark."""
+    suffix = Path(location).suffix.lower()
+    raw = _open_binary(location)
     if suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+        return io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8-sig", errors="replace")
     if suffix == ".zst":
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), encoding="utf-8-sig",
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8-sig",
                                 errors="replace")
-    return path.open("r", encoding="utf-8-sig", errors="replace")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace")
 
 
 def _bounded_lines(handle: io.TextIOBase) -> Iterator[str]:
@@ -46,8 +59,8 @@ def _bounded_lines(handle: io.TextIOBase) -> Iterator[str]:
 
 def iter_corpus_lines(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
     """Non-empty lines of text from plain-text files (a line each) and JSON-lines files (the text field)."""
-    for path in map(Path, paths):
-        is_jsonl = ".jsonl" in map(str.lower, path.suffixes)
+    for path in map(str, paths):
+        is_jsonl = ".jsonl" in map(str.lower, Path(path).suffixes)
         with _open_text(path) as handle:
             for number, line in enumerate(_bounded_lines(handle), 1):
                 if is_jsonl:
@@ -74,16 +87,36 @@ def train_text_tokenizer(
     max_sentences: int = 10_000_000,
     num_threads: int = 0,
 ) -> TextTokenizer:
-    """Train `<output_prefix>.model` with `vocab_size` pieces; returns it loaded in the XLM-R layout.
+    """Train `<output_prefix>.model` (and `.vocab`) with `vocab_size` pieces, locally or under an s3:// prefix;
+    returns it loaded in the XLM-R layout.
 
     Special pieces follow XLM-R's SentencePiece model (unk 0, bos 1, eos 2, no pad), so the tokenizer's
     vocabulary is `vocab_size + 2` (pad and mask are added by the id layout).
     """
-    missing = [str(path) for path in inputs if not Path(path).is_file()]
+    inputs = [str(path) for path in inputs]
+    for url in (path for path in inputs if path.startswith("s3://")):
+        check_usable("--input", url, "read_file")
+    missing = [path for path in inputs if not path.startswith("s3://") and not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"corpus files not found: {', '.join(missing)}")
-    output_prefix = Path(output_prefix)
-    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    output_prefix = str(output_prefix)
+    if output_prefix.startswith("s3://"):
+        output_root, _, output_name = output_prefix.rpartition("/")
+        check_usable("--output", output_root, "write")
+        with tempfile.TemporaryDirectory() as folder:
+            _train(inputs, Path(folder) / output_name, vocab_size, text_field, model_type, character_coverage,
+                   max_sentences, num_threads)
+            for suffix in (".model", ".vocab"):
+                open_storage(output_root).upload_atomic(output_name + suffix, Path(folder) / (output_name + suffix))
+        return TextTokenizer(local_copy(f"{output_prefix}.model"))
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    _train(inputs, Path(output_prefix), vocab_size, text_field, model_type, character_coverage, max_sentences,
+           num_threads)
+    return TextTokenizer(f"{output_prefix}.model")
+
+
+def _train(inputs: list[str], output_prefix: Path, vocab_size: int, text_field: str, model_type: str,
+           character_coverage: float, max_sentences: int, num_threads: int) -> None:
     options = dict(
         sentence_iterator=iter_corpus_lines(inputs, text_field),
         model_prefix=str(output_prefix),
@@ -105,4 +138,3 @@ def train_text_tokenizer(
     except RuntimeError as error:  # SentencePiece reports bad settings (e.g. too many pieces) this way
         message = str(error).split("] ", 1)[-1]
         raise ValueError(f"SentencePiece training on {', '.join(map(str, inputs))} failed: {message}") from None
-    return TextTokenizer(f"{output_prefix}.model")
