@@ -4,7 +4,8 @@
 logging, checkpoints) on the sample shards, built first with the real pipeline. Each logging window's
 `time/*` figures in metrics.jsonl split the step into data wait, forward+backward, optimizer step and logging plus
 checkpointing; the first window (warm-up) is left out. The trainer's overhead is the non-compute share: every
-phase but forward+backward.
+phase but forward+backward. Held-out evaluation is switched off (`eval.enabled: false`): it is not part of a
+training step, and its own time would land in the windows it falls in.
 
     python benchmarks/train_speed.py [--steps 60] [--window 10] [--workers 1]
 """
@@ -46,7 +47,7 @@ def main(argv=None):
         data = build_sample_dataset(folder / "data")
         recipe = tiny_recipe(folder / "run", data, steps=args.steps, log_every_steps=args.window, resume="never",
                              checkpoint={"every_steps": args.steps, "keep_last": 1},
-                             mlflow={"log_system_metrics": False})
+                             mlflow={"log_system_metrics": False}, eval={"enabled": False})
         recipe["data"]["workers"] = args.workers
         config = folder / "recipe.yaml"
         config.write_text(yaml.safe_dump(recipe))

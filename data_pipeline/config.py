@@ -19,7 +19,10 @@ StorageUrl = Annotated[str, AfterValidator(check_location)]
 MAX_DOCUMENT_BYTES = 2**20
 """Default longest text document: a megabyte is a long book chapter; lines longer are data, not text."""
 MAX_DECOMPRESSED_BYTES = 2**30
-"""Default bound on what one compressed input may expand to."""
+"""Default bound on what one compressed input tar, read whole, may expand to."""
+MAX_COMPRESSION_RATIO = 100.0
+"""Default bound on how many times its size a compressed corpus file may expand: prose and JSON lines compress
+3-10x with gzip or zstd; a decompression bomb, hundreds to thousands of times."""
 SOURCE_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Letters, digits, - and _: it starts sample keys.")
 
 
@@ -123,6 +126,14 @@ class RaySettings(_Strict):
     address: str | None = Field(None, description="Join this cluster; none starts a local one.")
     tokenizer_actors: int = Field(1, gt=0, description="Actors computing visual codes.")
     gpus_per_tokenizer_actor: float | None = Field(None, ge=0, description="None: 1 when GPUs exist, else 0.")
+    max_task_retries: int = Field(
+        3, ge=0, description="Times a shard's task is run again after its worker died (killed, out of memory, node "
+        "lost); then the build fails naming the shard. Ray's own default retries without limit. Out-of-memory kills "
+        "are bounded by it only on a Ray instance the build starts (elsewhere: RAY_task_oom_retries on the cluster).")
+    max_actor_restarts: int = Field(3, ge=0, description="Times a visual-tokenizer actor is restarted after dying.")
+    memory_per_task: int | None = Field(
+        None, gt=0, description="Bytes of memory Ray reserves for each prepare task, so that a node runs only as many "
+        "at once as its memory holds; none: as many as it has CPUs.")
 
 
 class PlannedUse(_Strict):
@@ -152,10 +163,13 @@ class DataConfig(_Strict):
     seed: int = 0
     samples_per_shard: int = Field(1000, gt=0, description="Images or pairs per shard.")
     shard_bytes: int = Field(2**30, gt=0, description="Shard files are closed before they exceed this many bytes "
-                             "(see the class docstring).")
+                             "(see the class docstring). A text shard is written part by part while its file is "
+                             "read, so this also bounds a text worker's memory: about twice this plus a batch of "
+                             "text, however large the file.")
     text_shard_bytes: int = Field(
         64 * 2**20, gt=0, description="Uncompressed line-per-document corpus files are split into parts of this "
-        "many input bytes, one text shard each; compressed and paragraph files give one shard per file."
+        "many input bytes, one text shard each; compressed and paragraph files give one shard per file, read as a "
+        "stream and written in as many parts as `shard_bytes` asks."
     )
     max_document_bytes: int = Field(
         MAX_DOCUMENT_BYTES, gt=0, description="Text documents (a line, a paragraph, a JSON line) and captions longer "
@@ -163,10 +177,14 @@ class DataConfig(_Strict):
         "this while it is read, so no more of one is held."
     )
     max_decompressed_bytes: int = Field(
-        MAX_DECOMPRESSED_BYTES, gt=0, description="A compressed input (a .gz or .zst corpus file, a compressed input "
-        "tar) that expands to more bytes is skipped as `decompressed_too_large`; a corpus file's size is counted "
-        "while decompressing, before any of it is kept. A compressed corpus file is one text shard built in memory: "
-        "its packed ids take about half its decompressed bytes for prose, up to three times for one-letter lines."
+        MAX_DECOMPRESSED_BYTES, gt=0, description="A compressed input tar (gzip, bzip2, xz), which is read whole, "
+        "that expands to more bytes is skipped as `decompressed_too_large`. Compressed corpus files are streamed and "
+        "bounded by `max_compression_ratio` instead."
+    )
+    max_compression_ratio: float = Field(
+        MAX_COMPRESSION_RATIO, gt=1, description="A compressed corpus file (.gz, .zst) that expands to more than this "
+        "many times its own size is a decompression bomb and is skipped whole as `decompressed_too_large`; its size "
+        "is counted while decompressing (a stream, nothing kept) before any of it is read."
     )
     sources: list[Source] = Field(min_length=1)
     image: ImageSettings = ImageSettings()

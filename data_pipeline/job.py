@@ -7,13 +7,15 @@ the manifest once all are stored (saving it every twentieth of progress and at t
 in the manifest are skipped, so a re-run after an interruption finishes the job with the same result as an
 uninterrupted run.
 
-Faults during a run: a worker process that dies (killed, out of memory, node lost) has its map task retried by
-Ray Data's defaults (task maps retry system failures without limit; a tokenizer actor that dies after starting is
-restarted without limit and its tasks retried), and since a shard's bytes depend only on its plan, the retry
-stores the same tar. Exceptions raised by the stages are not retried: storage errors are retried by the storage
-layer (see `storage`), one that outlasts those retries fails the job, and a re-run finishes it. Bad input is not
-such an exception: every sample and file is read inside an error boundary that counts it (see `processing`); an
-exception that does stop the job names the planned shard and its input files.
+Faults during a run: a worker process that dies (killed, out of memory, node lost) has its map task retried up to
+`ray.max_task_retries` times (a tokenizer actor is restarted up to `ray.max_actor_restarts` times), and since a
+shard's bytes depend only on its plan, the retry stores the same tar. Ray's own defaults retry without limit, so
+a shard that runs its worker out of memory every time would loop forever; past the bound the build fails with
+one line naming the shard, its inputs and the settings that shrink it. Exceptions raised by the stages are not
+retried: storage errors are retried by the storage layer (see `storage`), one that outlasts those retries fails
+the job, and a re-run finishes it. Bad input is not such an exception: every sample and file is read inside an
+error boundary that counts it (see `processing`); an exception that does stop the job names the planned shard and
+its input files.
 tests/test_pipeline_faults.py kills a worker running a map task and cuts the S3 endpoint off mid-run.
 
 Before any work, `preflight` checks that the output can be written and that every tokenizer file the config
@@ -24,10 +26,12 @@ not as Ray's wrapping of it.
 
 import json
 import logging
+import os
 import pickle
 import re
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -51,18 +55,65 @@ from .storage import (
 )
 
 
-def _prepare(row: dict, config_json: str) -> dict:
-    """The prepare stage of one planned shard; an error that stops it (bad samples and files do not) names the
-    shard and its inputs."""
+def _reset_peak_memory() -> None:
+    """Start this process's peak resident size (VmHWM) afresh: a Ray worker runs many tasks."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the worker's earlier tasks too
+        pass
+
+
+def _peak_memory() -> int:
+    """This process's peak resident bytes since the last reset (0 where /proc does not tell)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def _with_peak(row: dict, stage: str, peak: int) -> str:
+    """The row's per-stage peaks (JSON) with this stage's added."""
+    return json.dumps({**json.loads(row.get("peaks", "{}")), stage: peak})
+
+
+@ray.remote(num_cpus=0)
+class _Attempts:
+    """Which planned shards each stage has started, and how often: when retries run out after worker deaths,
+    the shard tried most is the one that killed its workers."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.inputs: dict[str, str] = {}
+
+    def start(self, stage: str, shard: str, inputs: str) -> None:
+        self.counts[(stage, shard)] += 1
+        self.inputs[shard] = inputs
+
+    def started(self) -> list[tuple[str, str, str, int]]:
+        """(stage, shard, inputs, attempts), most attempted first."""
+        return [(stage, shard, self.inputs[shard], count) for (stage, shard), count in self.counts.most_common()]
+
+
+def _prepare(row: dict, config_json: str, attempts=None) -> dict:
+    """The prepare stage of one planned shard (a text shard also writes its tars, part by part, as they fill),
+    recorded with `attempts` (an `_Attempts`) when given; an error that stops it (bad samples and files do not)
+    names the shard and its inputs."""
+    _reset_peak_memory()
     config = DataConfig.model_validate_json(config_json)
     plan = pickle.loads(row["plan"])
-    prepare = {"image": prepare_images, "text": prepare_text, "pair": prepare_pairs}[plan.kind]
+    if attempts is not None:  # recorded before any work that may kill the worker
+        ray.get(attempts.start.remote("prepare", plan.name, plan.inputs))
     try:
-        work = prepare(plan, config)
+        if plan.kind == "text":
+            work = prepare_text(plan, config, open_storage(config.output))
+        else:
+            work = {"image": prepare_images, "pair": prepare_pairs}[plan.kind](plan, config)
     except Exception as error:
         error.add_note(f"while preparing {plan.name} from {plan.inputs}")
         raise
-    return {"work": pickle.dumps(work)}
+    return {"work": pickle.dumps(work), "peaks": _with_peak(row, "prepare", _peak_memory())}
 
 
 class _VisualCodes:
@@ -77,18 +128,26 @@ class _VisualCodes:
             self.tokenizer = self.tokenizer.cuda()
 
     def __call__(self, row: dict) -> dict:
-        return {"work": pickle.dumps(add_codes(pickle.loads(row["work"]), self.tokenizer))}
+        _reset_peak_memory()
+        work = add_codes(pickle.loads(row["work"]), self.tokenizer)
+        return {"work": pickle.dumps(work), "peaks": _with_peak(row, "visual codes", _peak_memory())}
 
 
 def _write(row: dict, config_json: str) -> dict:
-    """Store the planned shard's tars (each atomically); the driver lists them once all are stored."""
+    """Store the planned shard's tars (each atomically) that the prepare stage has not; the driver lists them
+    once all are stored."""
+    _reset_peak_memory()
     config = DataConfig.model_validate_json(config_json)
     parts = finish_shard(pickle.loads(row["work"]), config)
     storage = open_storage(config.output)
     for data, entry in parts:
         if data:
             storage.write_atomic(entry["name"], data)
-    return {"entries": json.dumps([entry for _, entry in parts])}
+    return {"entries": json.dumps([entry for _, entry in parts]), "peaks": _with_peak(row, "write", _peak_memory())}
+
+
+class ShardWorkerDied(ChildProcessError):
+    """Worker processes died building one planned shard more often than the retry settings allow."""
 
 
 @dataclass
@@ -97,6 +156,8 @@ class BuildResult:
     shards_built: int
     shards_skipped: int
     seconds: float
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    """Per stage, the largest peak resident bytes of a worker process running it on one shard of this run."""
 
 
 def preflight(config: DataConfig) -> None:
@@ -145,53 +206,128 @@ def build(config: DataConfig, ray_address: str | None = None, progress: bool = T
     manifest = load_or_start(storage, config)
     plans = plan_shards(config)
     todo = [plan for plan in plans if not manifest.is_done(plan.name, storage)]
+    peaks: dict[str, int] = {}
     if todo:
         try:
-            _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
+            peaks = _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
         except Exception as error:
             failure = storage_failure(error)
             if failure is None:
                 raise
             raise failure from None
     manifest.save(storage)
-    return BuildResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - start)
+    return BuildResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - start, peaks)
 
 
-def _run(config, todo, manifest, storage, address, progress):
+WORKER_DEATHS = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.ActorDiedError,
+                 ray.exceptions.NodeDiedError)
+"""What Ray raises for a task or actor whose process died, once its retries are spent."""
+SHRINK_SETTINGS = {"text": "shard_bytes (a text worker holds one part)",
+                   "image": "samples_per_shard or shard_bytes", "pair": "samples_per_shard or shard_bytes"}
+"""What makes a planned shard's worker smaller, by kind."""
+
+
+def _worker_death(error: BaseException) -> BaseException | None:
+    """The worker death behind an exception Ray Data raised, found in its causes."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, WORKER_DEATHS):
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
+
+
+def _death_message(death: BaseException, started: list, done: set[str], config: DataConfig) -> str:
+    """One line: the shard whose workers died (the one tried most of those not finished), its inputs, what
+    killed them, and the settings to lower."""
+    unfinished = [(stage, shard, inputs, count) for stage, shard, inputs, count in started if shard not in done]
+    cause = "out of memory" if isinstance(death, ray.exceptions.OutOfMemoryError) else type(death).__name__
+    if not unfinished:
+        return (f"a Ray worker died ({cause}) before its shard began, on every attempt ray.max_task_retries "
+                f"({config.ray.max_task_retries}) allows")
+    stage, shard, inputs, count = unfinished[0]
+    kind = shard.removeprefix("val-").split("-")[0]
+    return (f"{stage} of {shard} from {inputs}: its worker died ({cause}) on {count} attempt"
+            f"{'s' if count > 1 else ''} (ray.max_task_retries {config.ray.max_task_retries}); if it ran out of "
+            f"memory, lower {SHRINK_SETTINGS.get(kind, 'samples_per_shard')}, or set ray.memory_per_task so that "
+            "fewer tasks run at once")
+
+
+def _progress_bars(todo, progress: bool) -> dict[str, tqdm]:
+    """A bar per kind: its planned shards done of those to build, samples/s and the time left."""
+    planned = Counter(plan.kind for plan in todo)
+    return {kind: tqdm(total=count, desc=f"{kind} shards", unit="shard", position=position, disable=not progress,
+                       dynamic_ncols=True) for position, (kind, count) in enumerate(sorted(planned.items()))}
+
+
+def _run(config, todo, manifest, storage, address, progress) -> dict[str, int]:
+    """Run the stages over the planned shards still to build, listing each in the manifest once stored; the
+    largest peak resident bytes each stage reached on one shard."""
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        # Ray retries a task killed for memory by its own budget (without limit by default), not max_retries; it
+        # can be set only on an instance started here.
+        local = address is None and "RAY_ADDRESS" not in os.environ
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 _system_config={"task_oom_retries": config.ray.max_task_retries} if local else None)
+    peaks: dict[str, int] = {}
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
         config_json = config.model_dump_json()
+        attempts = _Attempts.remote()
         rows = [{"plan": pickle.dumps(plan)} for plan in todo]
+        retries: dict = {"max_retries": config.ray.max_task_retries}
+        if config.ray.memory_per_task:
+            retries["memory"] = config.ray.memory_per_task
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        dataset = dataset.map(_prepare, fn_kwargs={"config_json": config_json})
+        dataset = dataset.map(_prepare, fn_kwargs={"config_json": config_json, "attempts": attempts}, **retries)
         if config.visual_tokenizer is not None:
             gpus = config.ray.gpus_per_tokenizer_actor
             if gpus is None:
                 gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
             dataset = dataset.map(_VisualCodes, fn_constructor_kwargs={"config_json": config_json},
-                                  concurrency=config.ray.tokenizer_actors, num_gpus=gpus)
-        dataset = dataset.map(_write, fn_kwargs={"config_json": config_json})
-        unsaved = 0
-        with tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress) as bar:
-            try:
-                for row in dataset.iter_rows():
-                    manifest.add(json.loads(row["entries"]))
-                    unsaved += 1
-                    # Rewriting the whole manifest after every shard would cost quadratic bytes on a long job;
-                    # saving after a twentieth more keeps the total linear. Unsaved shards are simply redone.
-                    if unsaved >= max(1, len(manifest.shards) // 20):
-                        manifest.save(storage)
-                        unsaved = 0
-                    bar.update()
-            finally:
-                manifest.save(storage)
+                                  concurrency=config.ray.tokenizer_actors, num_gpus=gpus,
+                                  max_restarts=config.ray.max_actor_restarts,
+                                  max_task_retries=config.ray.max_task_retries)
+        dataset = dataset.map(_write, fn_kwargs={"config_json": config_json}, **retries)  # alike: fused with prepare
+        unsaved, done, bars = 0, set(), _progress_bars(todo, progress)
+        samples, start = Counter(), time.perf_counter()
+        try:
+            for row in dataset.iter_rows():
+                entries = json.loads(row["entries"])
+                manifest.add(entries)
+                done.add(entries[0]["shard"])
+                for stage, peak in json.loads(row["peaks"]).items():
+                    peaks[stage] = max(peaks.get(stage, 0), peak)
+                unsaved += 1
+                # Rewriting the whole manifest after every shard would cost quadratic bytes on a long job;
+                # saving after a twentieth more keeps the total linear. Unsaved shards are simply redone.
+                if unsaved >= max(1, len(manifest.shards) // 20):
+                    manifest.save(storage)
+                    unsaved = 0
+                kind = entries[0]["kind"]
+                samples[kind] += sum(entry["samples"] for entry in entries)
+                bars[kind].set_postfix_str(f"{samples[kind] / (time.perf_counter() - start):,.0f} samples/s",
+                                           refresh=False)
+                bars[kind].update()
+        except Exception as error:
+            death = _worker_death(error)
+            if death is None:
+                raise
+            raise ShardWorkerDied(_death_message(death, ray.get(attempts.started.remote()), done, config)) from None
+        finally:
+            for bar in bars.values():
+                bar.close()
+            manifest.save(storage)
     finally:
         if started_here:
             ray.shutdown()
+    return peaks
 
 
 def summary_table(result: BuildResult) -> str:
@@ -215,6 +351,9 @@ def summary_table(result: BuildResult) -> str:
     lines.append(f"{len(files)} shard files ({held_out_files} held out) for {planned} planned shards "
                  f"({result.shards_built} built now, {result.shards_skipped} already done), {written:,} samples, "
                  f"{result.seconds:.1f}s, {written / max(result.seconds, 1e-9):.1f} samples/s")
+    if result.peak_memory:
+        lines.append("peak memory of a worker on one shard: " + ", ".join(
+            f"{stage} {peak / 2**20:,.0f} MiB" for stage, peak in result.peak_memory.items()))
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@ boundary, so that bytes that make a decoder, encoder or parser fail in a way no 
 `unexpected_error` and logged with the file, and the shard goes on.
 
 Every size an input declares is bounded before it is trusted: tar members against the bytes the tar holds (or,
-compressed, `max_decompressed_bytes`), compressed corpus files by counting what they expand to before keeping any
-of it, documents by `max_document_bytes` while they are read, images by `max_pixels`.
+compressed, `max_decompressed_bytes`), compressed corpus files by counting what they expand to (against
+`max_compression_ratio` times their size) before keeping any of it, documents by `max_document_bytes` while they
+are read, images by `max_pixels`.
 """
 
 import functools
@@ -31,11 +32,12 @@ from beit3.tokenizers.images import ImageDecodeError, decode_image
 from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer, truncate
 from beit3.tokenizers.visual import VisualTokenizer
 
-from .config import MAX_DECOMPRESSED_BYTES, MAX_DOCUMENT_BYTES, DataConfig
+from .config import MAX_COMPRESSION_RATIO, MAX_DOCUMENT_BYTES, DataConfig
 from .holdout import document_splitter, held_out_while_building, validation_name
-from .shards import ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar_bytes, shard_name, tar_bytes
+from .shards import (ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar_bytes, shard_name, tar_bytes,
+                     tar_size)
 from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile, decoded_text, parse_json, text_encoding
-from .storage import StoreUnusable, local_copy, open_storage
+from .storage import Storage, StoreUnusable, local_copy, open_storage
 from .tar_index import (TarSample, TarSkip, damage_after_last_member, image_samples, index_tar, pair_samples,
                         read_sample)
 from .views import choose_views, render_view, resize_shorter_side
@@ -60,6 +62,9 @@ class ShardWork:
     repaired: Counter = field(default_factory=Counter)
     tokenizer_views: list[torch.Tensor] = field(default_factory=list)
     code_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    parts: list[tuple[bytes, dict]] | None = None
+    """The shard's tars with their manifest entries when the prepare stage wrote them itself (a text shard,
+    streamed part by part); a tar already stored has no bytes here."""
 
     def add(self, source: str, sample: dict, training_samples: int = 1,
             tokenizer_views: torch.Tensor | None = None, held_out: bool = False) -> None:
@@ -482,21 +487,27 @@ def _rechunked(pieces: Iterator[bytes]) -> Iterator[bytes]:
     yield b"".join(output)
 
 
-def _gzip_pieces(data: bytes) -> Iterator[bytes]:
-    """Every member of a .gz file decompressed, LINE_SEARCH_BYTES at most at a time. Python's GzipFile meets a
+def _gzip_pieces(compressed_chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Every member of a .gz stream decompressed, LINE_SEARCH_BYTES at most at a time. Python's GzipFile meets a
     cut in the read that decompresses the bytes before it, and drops them; here they come first, then EOFError.
-    Zero bytes after the last member are padding; anything else there is a corrupt member (zlib.error)."""
-    view, member, position = memoryview(data), None, 0
-    while position < len(data):
-        if member is None:
-            if data[position] == 0 and data.count(0, position) == len(data) - position:
-                return
-            member = zlib.decompressobj(16 + zlib.MAX_WBITS)  # with the gzip header and trailer
-        compressed = view[position : position + LINE_SEARCH_BYTES]
-        piece = member.decompress(compressed, LINE_SEARCH_BYTES)
-        position += len(compressed) - len(member.unused_data if member.eof else member.unconsumed_tail)
-        member = None if member.eof else member
-        yield piece
+    Zero bytes after the last member are padding; anything else after them, or where a member should begin, is
+    a corrupt member (zlib.error)."""
+    member, padding = None, False
+    for data in compressed_chunks:
+        view, position = memoryview(data), 0
+        while position < len(data):
+            if member is None:
+                if padding or data[position] == 0:
+                    if data.count(0, position) != len(data) - position:
+                        raise zlib.error("bytes after the zero padding that ends a gzip file")
+                    padding = True
+                    break
+                member = zlib.decompressobj(16 + zlib.MAX_WBITS)  # with the gzip header and trailer
+            compressed = view[position : position + LINE_SEARCH_BYTES]
+            piece = member.decompress(compressed, LINE_SEARCH_BYTES)
+            position += len(compressed) - len(member.unused_data if member.eof else member.unconsumed_tail)
+            member = None if member.eof else member
+            yield piece
     while member is not None:  # all input given: what the member still holds, then its end
         piece = member.decompress(b"", LINE_SEARCH_BYTES)
         if not piece and not member.eof:
@@ -505,28 +516,30 @@ def _gzip_pieces(data: bytes) -> Iterator[bytes]:
         yield piece
 
 
-def _zstd_pieces(data: bytes) -> Iterator[bytes]:
-    """Every frame of a .zst file decompressed. zstandard's stream readers end quietly where a file is cut; here
-    a frame left unfinished raises EOFError, and bytes after a frame that do not begin another raise ZstdError."""
+def _zstd_pieces(compressed_chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Every frame of a .zst stream decompressed. zstandard's stream readers end quietly where a file is cut;
+    here a frame left unfinished raises EOFError, and bytes after a frame that do not begin another raise
+    ZstdError."""
     decompressor, frame = zstandard.ZstdDecompressor(), None
-    view = memoryview(data)
-    for offset in range(0, len(data), ZSTD_INPUT_BYTES):
-        compressed = view[offset : offset + ZSTD_INPUT_BYTES]
-        while compressed:
-            if frame is None:
-                frame = decompressor.decompressobj()
-            yield frame.decompress(compressed)
-            compressed, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
+    for data in compressed_chunks:
+        view = memoryview(data)
+        for offset in range(0, len(data), ZSTD_INPUT_BYTES):
+            compressed = view[offset : offset + ZSTD_INPUT_BYTES]
+            while compressed:
+                if frame is None:
+                    frame = decompressor.decompressobj()
+                yield frame.decompress(compressed)
+                compressed, frame = (frame.unused_data, None) if frame.eof else (b"", frame)
     if frame is not None:
         raise EOFError("the last zstd frame is cut short")
 
 
-DECOMPRESSORS = {".gz": lambda data: _rechunked(_gzip_pieces(data)),
-                 ".zst": lambda data: _rechunked(_zstd_pieces(data))}
-"""Decompressed chunks of a corpus file's bytes, by its last suffix."""
+DECOMPRESSORS = {".gz": lambda chunks: _rechunked(_gzip_pieces(chunks)),
+                 ".zst": lambda chunks: _rechunked(_zstd_pieces(chunks))}
+"""Decompressed chunks of a corpus file's compressed chunks, by its last suffix."""
 
 
-def _decompressed_size_exceeds(chunks: Iterator[bytes], limit: int) -> bool:
+def _decompressed_size_exceeds(chunks: Iterator[bytes], limit: float) -> bool:
     """Whether a compressed file expands past `limit` bytes, counted chunk by chunk and nothing kept: a bomb
     costs time, never memory. Damage ends the count; the reading pass meets it again and counts it."""
     size = 0
@@ -540,26 +553,36 @@ def _decompressed_size_exceeds(chunks: Iterator[bytes], limit: int) -> bool:
     return False
 
 
-def _text_chunks(text_file: TextFile, work: ShardWork, max_document_bytes: int,
-                 max_decompressed_bytes: int) -> Iterator[bytes]:
-    """The bytes of a corpus file (decompressed) or part, READ_BYTES or so at a time."""
+def _stored_chunks(storage, name: str) -> Iterator[bytes]:
+    """A stored file's bytes, READ_BYTES at a time (each read one range request on S3, retried as any)."""
+    position = 0
+    while chunk := storage.read_range(name, position, position + READ_BYTES):
+        position += len(chunk)
+        yield chunk
+
+
+def _text_chunks(text_file: TextFile, work: ShardWork, max_document_bytes: int, max_decompressed_bytes: int | None,
+                 max_compression_ratio: float) -> Iterator[bytes]:
+    """The bytes of a corpus file (decompressed) or part, READ_BYTES or so at a time. A compressed file is read
+    as a stream, twice: counted first (nothing kept), then read once known to expand to at most
+    `max_compression_ratio` times its size (and `max_decompressed_bytes`, when given); a file past either is a
+    decompression bomb, skipped whole."""
     storage, name = open_storage(text_file.root), text_file.name
     if text_file.stop is not None:
         yield from _line_part(storage, name, text_file.start, text_file.stop, max_document_bytes)
         return
     decompress = DECOMPRESSORS.get(name[name.rfind(".") :].lower())
     if decompress is None:
-        position = 0
-        while chunk := storage.read_range(name, position, position + READ_BYTES):
-            position += len(chunk)
-            yield chunk
+        yield from _stored_chunks(storage, name)
         return
-    data = storage.read_bytes(name)  # then decompressed twice: counted first, read once known to fit
-    if _decompressed_size_exceeds(decompress(data), max_decompressed_bytes):
+    size = storage.size(name)
+    limit = min(max_compression_ratio * size, max_decompressed_bytes or float("inf"))
+    if _decompressed_size_exceeds(decompress(_stored_chunks(storage, name)), limit):
         work.skip(text_file.source, "decompressed_too_large", storage.url(name),
-                  f"{len(data):,} bytes expand past max_decompressed_bytes, {max_decompressed_bytes:,}")
+                  f"{size:,} bytes expand past {limit:,.0f} (max_compression_ratio {max_compression_ratio:g}"
+                  + (f", max_decompressed_bytes {max_decompressed_bytes:,})" if max_decompressed_bytes else ")"))
         return
-    yield from decompress(data)
+    yield from decompress(_stored_chunks(storage, name))
 
 
 def _as_utf8(chunks: Iterator[bytes], at_file_start: bool, work: ShardWork, source: str) -> Iterator[bytes]:
@@ -635,14 +658,15 @@ def _json_documents(text: str, text_field: str, source: str, work: ShardWork) ->
 
 
 def document_batches(text_file: TextFile, text_field: str, documents: str, work: ShardWork,
-                     max_document_bytes: int = MAX_DOCUMENT_BYTES,
-                     max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> Iterator[list[str]]:
-    """The whitespace-normalised documents of one corpus file or part, a batch (see BATCH_BYTES) at a time.
+                     max_document_bytes: int = MAX_DOCUMENT_BYTES, max_decompressed_bytes: int | None = None,
+                     max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> Iterator[list[str]]:
+    """The whitespace-normalised documents of one corpus file or part, a batch (see BATCH_BYTES) at a time;
+    a compressed file is read as a stream, so memory does not grow with its size.
 
     Counted, not fatal: malformed and over-limit JSON lines, empty documents, documents past
-    `max_document_bytes`, invalid UTF-8 (replaced), a compressed file that expands past
-    `max_decompressed_bytes` (nothing of it is read) and one that is cut short or corrupt (its documents
-    before the damage are kept). Blank lines of a text file are no documents and are not counted. What was
+    `max_document_bytes`, invalid UTF-8 (replaced), a compressed file that expands past `max_compression_ratio`
+    times its size or past `max_decompressed_bytes` (none: no such bound; nothing of it is read) and one that is
+    cut short or corrupt (its documents before the damage are kept). Blank lines of a text file are no documents and are not counted. What was
     skipped is logged with the file at the end."""
     source, name = text_file.source, text_file.name.lower()
     origin = open_storage(text_file.root).url(text_file.name)
@@ -651,8 +675,8 @@ def document_batches(text_file: TextFile, text_field: str, documents: str, work:
     skipped_before = Counter(work.skipped)
     jsonl = name.removesuffix(".gz").removesuffix(".zst").endswith(".jsonl")
     separator = "\n\n" if documents == "paragraph" and not jsonl else "\n"
-    chunks = _as_utf8(_text_chunks(text_file, work, max_document_bytes, max_decompressed_bytes),
-                      text_file.start == 0, work, source)
+    chunks = _as_utf8(_text_chunks(text_file, work, max_document_bytes, max_decompressed_bytes,
+                                   max_compression_ratio), text_file.start == 0, work, source)
     runs = _document_runs(chunks, separator.encode(), max_document_bytes,
                           lambda: work.skip(source, "document_too_long"))
     replaced = False
@@ -767,12 +791,15 @@ def load_text_tokenizer(url: str) -> TextTokenizer:
     return TextTokenizer(local_copy(url), num_threads=1)  # a Ray task is one core
 
 
-def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
+def prepare_text(plan: ShardPlan, config: DataConfig, storage: Storage | None = None) -> ShardWork:
     """Tokenize every document of the shard's file (or file part), pack them into full-length segments, and
     store the segments in blocks of `text_segments_per_sample` per tar entry ([segments, text_len] uint16,
     right-padded with `<pad>`): one entry per 128-token segment would spend 2 KB of tar headers on 256 bytes
-    of ids. Documents are read, tokenized and packed a batch at a time, and blocks stored as they fill, so a
-    worker holds the shard's ids and one batch of text, whatever the shape of the file.
+    of ids. Documents are read (a compressed file as a stream), tokenized and packed a batch at a time.
+
+    Given the output `storage` (the build does), each tar is written as soon as it is full (`shard_bytes`, the
+    parts `finish_shard` would cut) and dropped, so a worker holds one part and one batch of text whatever the
+    size of the file; without, the entries stay in the work for `finish_shard`.
 
     With the source's `validation`, held-out documents (see `holdout`) are packed apart, into blocks of the
     shard's validation file."""
@@ -783,10 +810,11 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
     if tokenizer.vocab_size > 2**16:
         raise ValueError(f"{config.text_tokenizer}: {tokenizer.vocab_size:,} ids do not fit the shards' uint16")
     split = document_splitter(config, text_file.source)
-    training, held_out = _SegmentBlocks(work, config, held_out=False), _SegmentBlocks(work, config, held_out=True)
+    training, held_out = (_SegmentBlocks(work, config, held_out, storage) for held_out in (False, True))
     try:
         for documents in document_batches(text_file, source.text_field, source.documents, work,
-                                          config.max_document_bytes, config.max_decompressed_bytes):
+                                          config.max_document_bytes,
+                                          max_compression_ratio=config.max_compression_ratio):
             documents, held_out_documents = split(documents) if split else (documents, [])
             training.add(*tokenizer.encode_concatenated(documents))
             if held_out_documents:
@@ -795,17 +823,58 @@ def prepare_text(plan: ShardPlan, config: DataConfig) -> ShardWork:
         work.failed(text_file.source, open_storage(text_file.root).url(text_file.name), error)
     training.finish()
     held_out.finish()
+    if storage is not None:
+        work.parts = training.parts.finish() + held_out.parts.finish()
     return work
+
+
+class _StreamedParts:
+    """A text stream's tar entries written as the consecutive parts `finish_shard` would cut: a part is closed
+    before the next entry would take it past `shard_bytes`, stored at once and dropped."""
+
+    def __init__(self, plan: ShardPlan, config: DataConfig, held_out: bool, storage: Storage):
+        self.plan, self.storage, self.max_bytes = plan, storage, config.shard_bytes
+        self.name_of = validation_name if held_out else shard_name
+        self.samples: list[dict] = []
+        self.written, self.member_bytes = Counter(), 0
+        self.stored: list[tuple[bytes, dict]] = []
+
+    def add(self, source: str, sample: dict, training_samples: int) -> None:
+        size = sample_tar_bytes(sample)
+        if self.samples and tar_size(self.member_bytes + size) > self.max_bytes:
+            self._close()
+        self.samples.append(sample)
+        self.written[source] += training_samples
+        self.member_bytes += size
+
+    def finish(self) -> list[tuple[bytes, dict]]:
+        """The stored parts, each with no bytes and its manifest entry."""
+        self._close()
+        return self.stored
+
+    def _close(self) -> None:
+        if not self.samples:
+            return
+        name = self.name_of(self.plan.kind, self.plan.index, len(self.stored))
+        data = tar_bytes(self.samples)
+        record = ShardRecord.of(name, self.plan.name, self.plan.kind, sum(self.written.values()), len(self.samples),
+                                data)
+        self.samples = []
+        self.storage.write_atomic(name, data)
+        self.stored.append((b"", {**record.__dict__, "written": dict(self.written), "skipped": {}, "repaired": {}}))
+        self.written, self.member_bytes = Counter(), 0
 
 
 class _SegmentBlocks:
     """One stream of a text shard's documents (its training or its held-out ones) packed into segments and
-    stored in blocks of `text_segments_per_sample` as they fill; held-out block keys end in `-val{block}`."""
+    stored in blocks of `text_segments_per_sample` as they fill; held-out block keys end in `-val{block}`. With
+    a `storage`, blocks go to parts written as they fill (`_StreamedParts`), else to the work."""
 
-    def __init__(self, work: ShardWork, config: DataConfig, held_out: bool):
+    def __init__(self, work: ShardWork, config: DataConfig, held_out: bool, storage: Storage | None = None):
         self.work, self.held_out, self.block_size = work, held_out, config.text_segments_per_sample
         self.packer = SegmentPacker(config.text_len)
         self.unstored, self.stored = np.empty((0, config.text_len), dtype=np.uint16), 0
+        self.parts = None if storage is None else _StreamedParts(work.plan, config, held_out, storage)
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         self._store(self.packer.add(ids, lengths))
@@ -820,13 +889,17 @@ class _SegmentBlocks:
         for first in range(0, whole, self.block_size):
             block = rows[first : first + self.block_size]
             number = (self.stored + first) // self.block_size
-            self.work.add(text_file.source, {
+            sample = {
                 "__key__": f"{text_file.source}-{text_file.index:06d}-{'val' if self.held_out else ''}{number:06d}",
                 "ids.npy": npy_bytes(block),
                 "json": _provenance_json({"file": text_file.name, "source": text_file.source,
                                           "start_byte": text_file.start, "first_segment": self.stored + first,
                                           "segments": len(block)}),
-            }, training_samples=len(block), held_out=self.held_out)
+            }
+            if self.parts is None:
+                self.work.add(text_file.source, sample, training_samples=len(block), held_out=self.held_out)
+            else:
+                self.parts.add(text_file.source, sample, len(block))
         self.unstored, self.stored = rows[whole:], self.stored + whole
 
 
@@ -845,12 +918,12 @@ def finish_shard(work: ShardWork, config: DataConfig) -> list[tuple[bytes, dict]
     parts of their own named `val-{kind}-{index:06d}[-{part:03d}].tar` (a `ValidationPlan` holds only them).
     Skipped and repaired counts, and the histogram of its visual codes per source (`code_counts`, which the
     manifest adds up rather than lists), go with the first file. A shard left with no samples gets one entry
-    with no bytes and no file.
+    with no bytes and no file. Parts the prepare stage already stored (`work.parts`) are taken as they are.
     """
     plan = work.plan
     max_samples = None if plan.kind == "text" else config.samples_per_shard
-    parts = []
-    for held_out, name_of in ((False, shard_name), (True, validation_name)):
+    parts = list(work.parts or [])
+    for held_out, name_of in ((False, shard_name), (True, validation_name)) if work.parts is None else ():
         entries = [entry for entry, held in enumerate(work.held_out) if held == held_out]
         sizes = [sample_tar_bytes(work.samples[entry]) for entry in entries]
         for part, (start, stop) in enumerate(part_bounds(sizes, max_samples, config.shard_bytes)):

@@ -254,10 +254,13 @@ def activation_memory(config: PretrainConfig, micro: dict[str, int], checkpoint_
     Fused attention kernels (flash or memory-efficient on GPUs, the flash kernel on CPUs) keep only a
     log-sum-exp per head and query, not the T x T scores; it and the LayerNorm statistics are under 0.2% at the
     giant's width and left out. A checkpointed layer keeps only its input (d) and is recomputed in backward,
-    so one full layer is added back as the working set. Outside the stack: the pixels the patch embedding
-    needs, the final LayerNorm's input (d per token), and per predicted position the head's input (d) and the
-    fp32 log-probabilities over its vocabulary. Predicted positions are the recipe's masked patches (pair
-    images too when masked) and rate x (length - 2) text tokens (bos and eos are never chosen).
+    so two full layers are added back as the working set: the recomputed layer's saved tensors, and the
+    gradients its backward makes of them, which come on top of every layer's kept input (without
+    checkpointing, backward frees saved tensors about as fast as it makes gradients). Outside the stack: the
+    pixels the patch embedding needs, the final LayerNorm's input (d per token), and per predicted position
+    the head's input (d) and the fp32 log-probabilities over its vocabulary. Predicted positions are the
+    recipe's masked patches (pair images too when masked) and rate x (length - 2) text tokens (bos and eos are
+    never chosen).
     Checked against the measured peak memory of a CPU training step in tests/test_planner.py.
     """
     model, masking = config.model, config.masking
@@ -267,7 +270,7 @@ def activation_memory(config: PretrainConfig, micro: dict[str, int], checkpoint_
     full_layer = element * (9 * model.hidden + 3 * model.ffn_hidden) * tokens
     if checkpoint_every:
         checkpointed = math.ceil(model.layers / checkpoint_every)
-        stack = (model.layers - checkpointed + 1) * full_layer + checkpointed * element * model.hidden * tokens
+        stack = (model.layers - checkpointed + 2) * full_layer + checkpointed * element * model.hidden * tokens
     else:
         stack = model.layers * full_layer
     images = micro["image"] + micro["pair"]

@@ -24,7 +24,7 @@ SMALL = dict(layers=2, vl_expert_layers=1, hidden=32, ffn_hidden=64, heads=2, im
              visual_vocab_size=64)
 """Two layers cover every kind of layer: the first drops no paths, the second drops paths and has the
 vision-language expert."""
-TEXT_LENGTHS = [20, 17, 33, 9, 40, 25, 12, 31, 38, 14, 22, 29]
+TEXT_LENGTHS = [20, 17, 33, 9, 40, 25, 12, 31]
 WARM_UP_STEPS = 3
 """Step 1 compiles each kind of call; steps 2 and 3 remake the text and pair graphs with symbolic lengths (the
 packed token count changes at step 2, the padded length may first repeat its size class then)."""
@@ -66,7 +66,7 @@ def training_step(model, micro: dict[str, dict]) -> torch.Tensor:
 
 
 def test_graphs_stay_bounded_over_many_text_lengths():
-    """Training steps (drop path, checkpointing every layer) over 12 text lengths: every graph is made in the
+    """Training steps (drop path, checkpointing every layer) over 8 text lengths: every graph is made in the
     first steps and none later; the count stays within the bound and under the recompile limit, where the
     compiler's default of 8 would already have given up and run layers eagerly."""
     config = model_config("tiny", **SMALL, drop_path=0.1, checkpoint_every_n_layers=1)
@@ -112,7 +112,8 @@ def test_traced_layers_give_the_eager_loss_and_gradients():
 
 
 @pytest.mark.slow  # inductor generates and builds C++ for every graph
-def test_inductor_layers_give_the_eager_loss_and_gradients_within_fp32_rounding():
+def test_inductor_layers_give_the_eager_loss_and_gradients_within_fp32_rounding(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing a killed run left behind
     loss_difference, gradient_difference = compare_with_eager("inductor")
     assert loss_difference < 1e-5 and gradient_difference < 1e-5
 
@@ -158,6 +159,7 @@ def _compiled_step_on_two_ranks(rank: int, port: int, results: str) -> None:
 @pytest.mark.slow  # 2 DeepSpeed ranks, each compiling with inductor
 def test_a_compiled_training_step_equals_the_eager_one_under_zero2_and_zero3(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # shared by the two ranks
     results = tmp_path / "differences.json"
     mp.spawn(_compiled_step_on_two_ranks, args=(free_port(), str(results)), nprocs=RANKS)
     differences = json.loads(results.read_text())

@@ -29,21 +29,21 @@ INTERRUPTED = re.compile(r"^beit3 train: interrupted; the last complete checkpoi
 TRACEBACK = "Traceback (most recent call last):"
 
 
-def launch_in_own_session(config, *arguments: str) -> subprocess.Popen:
+def launch_in_own_session(config, output, *arguments: str) -> subprocess.Popen:
     """`beit3 train` under torchrun as the foreground job of a terminal: its own process group, which SIGINT
-    reaches as a whole."""
+    reaches as a whole. Its output goes to a file, which no pipe left unread can block."""
     environment = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), "-m", "beit3.cli", "train", "--config", str(config), *arguments]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
-                            cwd=REPO, start_new_session=True)
+    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment, cwd=REPO,
+                            start_new_session=True)
 
 
-def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300.0):
+def wait_for(condition, what: str, process: subprocess.Popen, log, timeout: float = 300.0):
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if process.poll() is not None:
-            raise AssertionError(f"training ended before {what}:\n{process.communicate()[0][-6000:]}")
+            raise AssertionError(f"training ended before {what}:\n{log.read_text()[-6000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {what} within {timeout:.0f}s")
         time.sleep(POLL_SECONDS)
@@ -51,12 +51,11 @@ def wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 3
 
 
 def tracebacks(output: str) -> list[str]:
-    """Each traceback in the output, from its first line to the exception line that ends it."""
+    """The exception line that ends each traceback in the output."""
     found = []
     for block in output.split(TRACEBACK)[1:]:
         lines = [line for line in block.splitlines() if line.strip()]
-        ending = next((line for line in lines if not line.startswith(" ")), "")
-        found.append(ending)
+        found.append(next((line for line in lines if not line.startswith(" ")), ""))
     return found
 
 
@@ -66,15 +65,18 @@ def test_ctrl_c_stops_every_rank_cleanly_and_names_the_checkpoint(training_data,
                          checkpoint={"every_steps": 2, "keep_last": 2}, eval={"every_steps": 100_000})
     config = write_recipe(tmp_path / "recipe.yaml", recipe)
     checkpoints = run_dir / "checkpoints"
-    launcher = launch_in_own_session(config)
+    log = tmp_path / "output.log"
+    with log.open("w") as output_file:
+        launcher = launch_in_own_session(config, output_file)
     try:
-        wait_for(lambda: latest_whole(checkpoints), "complete checkpoint", launcher)
+        wait_for(lambda: latest_whole(checkpoints), "complete checkpoint", launcher, log)
         os.killpg(launcher.pid, signal.SIGINT)
-        output, _ = launcher.communicate(timeout=120)
+        launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+    output = log.read_text()
 
     assert launcher.returncode != 0, output[-6000:]
     named = INTERRUPTED.findall(output)

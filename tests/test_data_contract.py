@@ -112,8 +112,8 @@ def test_plan_reports_passes_per_stored_view_and_warns_past_the_limit(training_d
     images = sum(ref.samples for ref in index_datasets([str(training_data["shards"])]).shards["image"])
     assert f"data: image: {images:,} samples x 2 stored views; 60 steps make {60 * 8 / images:.1f} passes, " \
            f"{60 * 8 / images / 2:.1f} per view" in out
-    assert "data: pair: 48 samples x 2 stored views; 60 steps make 10.0 passes, 5.0 per view" in out
+    assert "data: pair: 42 samples x 2 stored views; 60 steps make 11.4 passes, 5.7 per view" in out
     assert "warning" not in err
     assert main(arguments + ["--max-passes-per-view", "4"]) == 0
     err = capsys.readouterr().err
-    assert "warning: pair: each stored view would be seen 5.0 times (more than 4)" in err
+    assert "warning: pair: each stored view would be seen 5.7 times (more than 4)" in err

@@ -89,8 +89,9 @@ def test_code_perplexity_counts_the_codes_in_effective_use():
     assert 1.0 < code_perplexity(torch.tensor([90, 10])) < 2.0
 
 
-def test_the_sink_marks_its_experiment_as_model_development(tmp_path):
+def test_the_sink_marks_its_experiment_as_model_development(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow exports the sink's URI to child processes: undone after
     for run in ("first", "second"):  # creating the experiment, then reusing it
         (tmp_path / run).mkdir()
         MlflowSink(tmp_path / run, uri, "beit3-test", run, {}, {}, None).close()

@@ -229,7 +229,8 @@ def test_counts_match_what_the_objective_predicts():
 def test_every_logging_window_records_the_step_time_breakdown(tmp_path, training_data):
     """`beit3 train`, 6 steps logged every 3 on 2 CPU ranks: each window's line in metrics.jsonl and the MLflow
     run carry seconds per step of data wait, forward+backward, optimizer and other, with shares summing to 1;
-    on CPU they are wall-clock, so the first three make up the steps' time but for the metrics reduction."""
+    on CPU they are wall-clock, so the first three make up the steps' time but for the metrics reduction. The
+    held-out evaluations (of the initial weights, and at the last step) are each window's `eval` phase."""
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(run_dir, training_data, steps=6, log_every_steps=3, checkpoint={"every_steps": 6},
                          mlflow={"log_system_metrics": False})
@@ -243,6 +244,7 @@ def test_every_logging_window_records_the_step_time_breakdown(tmp_path, training
         in_step = sum(window[f"time/{phase}"] for phase in ("data_wait", "compute", "optimizer"))
         assert 0.75 * step_seconds <= in_step <= step_seconds
         assert window["time/compute"] > window["time/optimizer"] > 0 and window["time/other"] > 0
+        assert window["time/eval"] > 0
         assert sum(window[f"time/{phase}_fraction"] for phase in PHASES) == pytest.approx(1)
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     run_id = (run_dir / "mlflow_run_id").read_text().strip()

@@ -58,7 +58,7 @@ def backbone_of(released):
     return {k.removeprefix("beit3."): v for k, v in released.items() if k.startswith("beit3.")}
 
 
-@pytest.fixture(scope="module", params=["small", "base"])
+@pytest.fixture(scope="module", params=["small", pytest.param("base", marks=pytest.mark.slow)])  # base: full width
 def config(request):
     if request.param == "small":
         return model_config("base", layers=3, hidden=64, ffn_hidden=128, heads=4, image_size=64, drop_path=0.0)

@@ -41,8 +41,13 @@ CHANCE_LOSS = 4 * 6.931
 """Four predictions (image, text, pair image, pair text) over 1,024-way vocabularies: 4 ln 1024 at chance."""
 
 
-def metrics(run_dir) -> list[dict]:
+def logged_lines(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(run_dir) -> list[dict]:
+    """The training steps' lines (the step-0 evaluation of the initial weights has a line without a loss)."""
+    return [entry for entry in logged_lines(run_dir) if "loss" in entry]
 
 
 def samples_seen(run_dir) -> list[str]:
@@ -142,6 +147,7 @@ def test_resume_after_one_rank_is_killed_is_exact(reference_run, tmp_path):
     for ours, theirs in zip(resumed, reference):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6), ours["step"]
     assert samples_seen(tmp_path / "run") == samples_seen(reference_run["run_dir"])
+    assert [entry["step"] for entry in logged_lines(tmp_path / "run") if "loss" not in entry] == [0]
     run_ids = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
     assert MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}").get_run(run_ids).info.status == "FINISHED"
 
@@ -266,7 +272,7 @@ def test_a_checkpoint_carrying_code_is_refused_before_deepspeed_unpickles_it(ref
     mark_complete(run_dir / "checkpoints", tag_for(STEPS), 2)  # whoever can plant a file can rewrite the marker
     recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "steps": STEPS + 1,
               "mlflow": {"tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}"}}
-    process = launch_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    process = launch_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume", "--allow-steps-change")
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0
     assert f"{planted}: refused: its pickle would import posix.system" in output
