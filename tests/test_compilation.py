@@ -105,6 +105,7 @@ def compare_with_eager(backend: str, steps: int = 2) -> tuple[float, float]:
     return loss_difference, gradient_difference
 
 
+@pytest.mark.slow  # forward and backward graphs traced for every kind of call
 def test_traced_layers_give_the_eager_loss_and_gradients():
     """What the compiler captures (forward and backward graphs, no code generation) computes what eager does."""
     loss_difference, gradient_difference = compare_with_eager("aot_eager")
