@@ -31,6 +31,7 @@ import pickle
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
@@ -179,18 +180,25 @@ STORAGE_FAILURE_LINE = re.compile(r"(MissingObject|StorageError|StoreUnusable): 
 FAILURE_TYPES = {"MissingObject": MissingObject, "StorageError": StorageError, "StoreUnusable": StoreUnusable}
 
 
-def storage_failure(error: BaseException) -> BaseException | None:
-    """The storage error behind an exception Ray raised for a task or actor: found in its causes, or, for an
-    actor whose constructor failed (Ray passes on only the text), in the traceback text it carries."""
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The exception and, transitively, its causes, contexts and the `cause` Ray attaches to a task's error."""
     pending, seen = [error], set()
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, STORAGE_FAILURES) and not isinstance(current, ray.exceptions.RayError):
-            return current
+        yield current
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+
+
+def storage_failure(error: BaseException) -> BaseException | None:
+    """The storage error behind an exception Ray raised for a task or actor: found in its causes, or, for an
+    actor whose constructor failed (Ray passes on only the text), in the traceback text it carries."""
+    cause = next((cause for cause in _causes(error) if isinstance(cause, STORAGE_FAILURES)
+                  and not isinstance(cause, ray.exceptions.RayError)), None)
+    if cause is not None:
+        return cause
     found = STORAGE_FAILURE_LINE.findall(str(error))
     if found:
         kind, message = found[-1]
@@ -229,16 +237,7 @@ SHRINK_SETTINGS = {"text": "shard_bytes (a text worker holds one part)",
 
 def _worker_death(error: BaseException) -> BaseException | None:
     """The worker death behind an exception Ray Data raised, found in its causes."""
-    pending, seen = [error], set()
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, WORKER_DEATHS):
-            return current
-        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-    return None
+    return next((cause for cause in _causes(error) if isinstance(cause, WORKER_DEATHS)), None)
 
 
 def _death_message(death: BaseException, started: list, done: set[str], config: DataConfig) -> str:

@@ -126,7 +126,9 @@ def test_compile_is_off_by_default_and_a_recipe_setting():
 
 def _compiled_step_on_two_ranks(rank: int, port: int, results: str) -> None:
     """Per ZeRO stage, one step of the trainer from the same weights, eager then compiled: the parameter
-    updates (SGD at lr 1: the gradients) must agree."""
+    updates (SGD at lr 1: the gradients) must agree. Layers compile with `aot_eager`: dynamo's graphs and
+    AOTAutograd's joint forward-backward, which is what meets DeepSpeed's hooks, without inductor's C++ builds
+    (minutes per rank on 2 cores; inductor's numerics are checked in one process above)."""
     deepspeed = _join_group(rank, port)
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -139,7 +141,7 @@ def _compiled_step_on_two_ranks(rank: int, port: int, results: str) -> None:
             torch.manual_seed(0)
             model = MultiwayTransformer(config.model)
             if compiled:
-                compile_layers(model)
+                compile_layers(model, backend="aot_eager")
             before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                                    config=deepspeed_config(config, split))
@@ -157,10 +159,9 @@ def _compiled_step_on_two_ranks(rank: int, port: int, results: str) -> None:
     _leave_group()
 
 
-@pytest.mark.slow  # 2 DeepSpeed ranks, each compiling with inductor
+@pytest.mark.slow  # 2 DeepSpeed ranks, each tracing its layers
 def test_a_compiled_training_step_equals_the_eager_one_under_zero2_and_zero3(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # shared by the two ranks
     results = tmp_path / "differences.json"
     mp.spawn(_compiled_step_on_two_ranks, args=(free_port(), str(results)), nprocs=RANKS)
     differences = json.loads(results.read_text())

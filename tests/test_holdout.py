@@ -247,10 +247,11 @@ def test_a_rerun_is_byte_identical_and_a_lost_validation_file_is_rebuilt(holdout
 # The sample build's manifest: code usage per source, and held-out shards of every kind.
 
 @pytest.fixture(scope="module")
-def sample_build(tmp_path_factory):
-    from beit3.sample_data import LABELLED_CLASSES, build_sample_dataset
+def sample_build(training_data):
+    """The session's sample build (the demo's data), read only."""
+    from beit3.sample_data import LABELLED_CLASSES
 
-    return build_sample_dataset(tmp_path_factory.mktemp("sample")), LABELLED_CLASSES
+    return training_data, LABELLED_CLASSES
 
 
 @pytest.mark.slow
