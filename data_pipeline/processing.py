@@ -38,8 +38,8 @@ from .shards import (ShardRecord, json_bytes, npy_bytes, part_bounds, sample_tar
                      tar_size)
 from .sources import IMAGE_SUFFIXES, ImageTar, PairTar, ShardPlan, TextFile, decoded_text, parse_json, text_encoding
 from .storage import Storage, StoreUnusable, local_copy, open_storage
-from .tar_index import (TarSample, TarSkip, damage_after_last_member, image_samples, index_tar, pair_samples,
-                        read_sample)
+from .tar_index import (PAIR_IMAGE_EXTENSIONS, TarSample, TarSkip, damage_after_last_member, image_samples,
+                        index_tar, pair_samples, read_sample)
 from .views import choose_views, render_view, resize_shorter_side
 
 CODE_BATCH = 64
@@ -314,7 +314,7 @@ def _compressed_pair_tar(pair_tar: PairTar, work: ShardWork, config: DataConfig)
     for position, key in enumerate(sorted(members)):
         # Extensions match in any case; of `x.JPG` and `x.jpg` both in one tar, the exact lower-case one is used.
         sample = {extension.lower(): data for extension, data in sorted(members[key].items())}
-        image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        image = next((sample[e] for e in PAIR_IMAGE_EXTENSIONS if e in sample), None)
         origin = f"{pair_tar.source}:{pair_tar.name}:{key}"
         if image is None:
             work.skip(pair_tar.source, "missing_image", origin)
