@@ -2,8 +2,9 @@
 
 An ImageNet-style input of CLASSES x IMAGES small JPEGs is given twice, as class folders and as one tar per
 class, and each is built by `beit3 data build` with shards smaller than a class (as at paper scale, where a class
-is ~650 images and a shard 1,000). The trainer's own stream then reads each build with the paper recipe's shuffle
-window, and its 16-image micro-batches of one epoch are compared with those of uniformly shuffled epochs:
+is ~650 images and a shard 1,000). The trainer's own stream then reads each build with the released base recipe's
+settings (configs/pretrain/base_released.yaml: the paper's shuffle window), and its 16-image micro-batches of one
+epoch are compared with those of uniformly shuffled epochs:
 
 - distinct classes per micro-batch (goal: at least 90% of uniform);
 - classes shared by consecutive micro-batches (goal: at most 20% above uniform), so that hundreds of
@@ -28,8 +29,12 @@ from PIL import Image
 from beit3.config import validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.job import build
-from beit3.pretrain.shard_streams import MicroBatchStream, StreamSettings, index_datasets
+from beit3.pretrain.shard_streams import MicroBatchStream, index_datasets, stream_settings
+from beit3.pretrain.train_config import PretrainConfig, load_pretrain_config
+from beit3.tokenizers.text import TextTokenizer
+from beit3.tokenizers.text_training import train_text_tokenizer
 
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "base_released.yaml"
 MICRO_BATCH = 16
 UNIFORM_EPOCHS = 400
 
@@ -75,11 +80,27 @@ def labels_by_key(dataset: str) -> dict[str, str]:
     return labels
 
 
-def trainer_order(dataset: str, window: int, samples: int) -> list[str]:
+def text_tokenizer(root: Path) -> TextTokenizer:
+    """A recipe names a text tokenizer; the image stream reads no text, so a small one trained on this file's
+    docstring serves."""
+    corpus = root / "corpus.txt"
+    corpus.write_text(__doc__)
+    return train_text_tokenizer([corpus], root / "spm", vocab_size=70, num_threads=1)
+
+
+def recipe(dataset: str, window: int, tokenizer: TextTokenizer) -> PretrainConfig:
+    """The released base recipe (224-px images in 14 x 14 patches, seed 0) reading `dataset` with a shuffle
+    window of `window` shards."""
+    released = load_pretrain_config(RECIPE)
+    data = released.data.model_copy(update={"datasets": [dataset], "text_tokenizer": str(tokenizer.model_path),
+                                            "shuffle_window_shards": window})
+    return released.model_copy(update={"data": data})
+
+
+def trainer_order(config: PretrainConfig, tokenizer: TextTokenizer, samples: int) -> list[str]:
     """The keys of one epoch in the order the trainer's image stream reads them (one rank, one worker)."""
-    shards = index_datasets([dataset]).shards["image"]
-    settings = StreamSettings(stream="image", micro_batch=MICRO_BATCH, seed=0, image_size=224, grid=14, mask_id=0,
-                              shuffle_window_shards=window)
+    shards = index_datasets(config.data.datasets).shards["image"]
+    settings = stream_settings(config, "image", MICRO_BATCH, tokenizer)
     stream = MicroBatchStream(shards, settings, rank=0, world_size=1)._samples(0, 1, 0)
     return [key for key, _, _ in (next(stream) for _ in range(samples))]
 
@@ -103,11 +124,11 @@ def uniform_mixing(labels: list[str], epochs: int = UNIFORM_EPOCHS) -> tuple[flo
 
 def measure(root: Path, classes: int, images: int, samples_per_shard: int, window: int) -> dict[str, dict]:
     """Per input layout: the trainer's figures, uniform's, and their ratios."""
-    results = {}
+    results, tokenizer = {}, text_tokenizer(root)
     for layout, source in zip(("class folders", "per-class tars"), write_inputs(root, classes, images)):
         dataset = build_images(source, root / f"shards-{source.name}", samples_per_shard)
         labels = labels_by_key(dataset)
-        order = [labels[key] for key in trainer_order(dataset, window, len(labels))]
+        order = [labels[key] for key in trainer_order(recipe(dataset, window, tokenizer), tokenizer, len(labels))]
         distinct, shared = mixing(order)
         uniform_distinct, uniform_shared = uniform_mixing(order)
         results[layout] = {"samples": len(labels), "distinct": distinct, "uniform_distinct": uniform_distinct,

@@ -201,8 +201,8 @@ def evaluate_saved_weights(config, weights: dict[str, torch.Tensor], step: int, 
     model `config` (a PretrainConfig) describes, over its datasets' held-out shards."""
     from beit3.data_pipeline.storage import local_copy
     from beit3.pretrain.model import MultiwayTransformer
-    from beit3.pretrain.shard_streams import index_datasets
-    from beit3.pretrain.trainer import stream_settings, to_device
+    from beit3.pretrain.shard_streams import index_datasets, stream_settings
+    from beit3.pretrain.trainer import to_device
     from beit3.tokenizers.text import TextTokenizer
     from beit3.tokenizers.visual import build_visual_tokenizer
 

@@ -56,7 +56,8 @@ from beit3.data_pipeline.views import (
     view_order,
 )
 from beit3.pretrain.masking import BlockMasking, TextMasking, masked_patch_count, sample_seed
-from beit3.tokenizers.text import PAD
+from beit3.pretrain.train_config import DataSettings, MaskingSettings, PretrainConfig
+from beit3.tokenizers.text import PAD, TextTokenizer
 
 IMAGE_MEAN = IMAGE_STD = 0.5
 logger = logging.getLogger(__name__)
@@ -101,9 +102,18 @@ class ShardRef:
         return f"{self.dataset.rstrip('/')}/{self.name}"
 
 
+def _recipe_default(settings: type[MaskingSettings | DataSettings], name: str):
+    """The recipe schema's default of a field, so that settings made by hand (tests) match an unset recipe."""
+    return settings.model_fields[name].default
+
+
+READ_SETTINGS = ("shuffle_window_shards", "verify_sha256", "read_attempts", "read_backoff_seconds")
+"""The recipe's `data` fields a stream reads its shards with."""
+
+
 @dataclass(frozen=True)
 class StreamSettings:
-    """What a stream needs to turn stored samples into model inputs."""
+    """What a stream needs to turn stored samples into model inputs; a run's come from `stream_settings`."""
 
     stream: str
     micro_batch: int
@@ -111,24 +121,37 @@ class StreamSettings:
     image_size: int
     grid: int
     mask_id: int
-    image_ratio: float = 0.4
-    mask_pair_images: bool = True
-    text_rate: float = 0.15
-    caption_rate: float = 0.5
+    image_ratio: float = _recipe_default(MaskingSettings, "image_ratio")
+    mask_pair_images: bool = _recipe_default(MaskingSettings, "mask_pair_images")
+    text_rate: float = _recipe_default(MaskingSettings, "text_rate")
+    caption_rate: float = _recipe_default(MaskingSettings, "caption_rate")
     views: ViewSettings = ViewSettings()
     """How stored views are rendered, and fresh ones drawn on the fly (`augment`)."""
     tokenizer_view_size: int | None = None
     """Set when the tokenizer runs on the fly: the size of its render of each fresh view."""
-    shuffle_window_shards: int = 4
-    verify_sha256: bool = True
-    read_attempts: int = 8
-    read_backoff_seconds: float = 1.0
+    shuffle_window_shards: int = _recipe_default(DataSettings, "shuffle_window_shards")
+    verify_sha256: bool = _recipe_default(DataSettings, "verify_sha256")
+    read_attempts: int = _recipe_default(DataSettings, "read_attempts")
+    read_backoff_seconds: float = _recipe_default(DataSettings, "read_backoff_seconds")
     text_vocab_size: int = 2**16
     """Ids must be below it: the text tokenizer's vocabulary (default: any id the stored uint16 holds)."""
     codebook_size: int = 2**16
     """Stored codes must be below it: the model's visual vocabulary."""
     max_text_len: int = 2**16
     """Longest text the model's position table serves."""
+
+
+def stream_settings(config: PretrainConfig, stream: str, micro_batch: int, text_tokenizer: TextTokenizer,
+                    visual_tokenizer=None) -> StreamSettings:
+    """The settings of one stream of a run: every value from the recipe's own settings objects (seed, model,
+    masking, augment, data) and its tokenizers, none restated here."""
+    grid = config.model.grid_size
+    return StreamSettings(
+        stream=stream, micro_batch=micro_batch, seed=config.seed, image_size=config.model.image_size, grid=grid,
+        mask_id=text_tokenizer.mask_id, **config.masking.model_dump(), views=config.augment,
+        tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
+        **config.data.model_dump(include=set(READ_SETTINGS)), text_vocab_size=text_tokenizer.vocab_size,
+        codebook_size=config.model.visual_vocab_size, max_text_len=config.model.max_text_len)
 
 
 def read_manifest(dataset: str) -> tuple[dict, str]:

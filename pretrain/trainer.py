@@ -1,15 +1,15 @@
 """`beit3 train`: masked data modeling on mixed image / text / image-text batches under DeepSpeed ZeRO.
 
-Read top to bottom: `train()` checks the config and the data, builds the engine, restores a checkpoint when
-there is one, and runs `Trainer.train_step` until the configured step, checkpointing on the way. The model is
-a plain nn.Module; DeepSpeed wraps it here and nowhere else.
+`train()` reads as its phases: `start_run` (preflight, then the device and the process group), `restore`
+(checkpoint folder settled, engine built, a checkpoint loaded when there is one), `build_streams`, `run_steps`
+(`Trainer.train_step` until the configured step, evaluating and checkpointing on the way) and the finish, which
+closes the MLflow run with how the loop ended. What the run writes for people goes through one recorder
+(`run_recorder`). The model is a plain nn.Module; DeepSpeed wraps it here and nowhere else.
 """
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ import psutil
 import torch
 import torch.distributed as dist
 import yaml
+from torch import nn
 
 from beit3.config import ConfigError
 from beit3.data_pipeline.storage import check_usable, local_copy
@@ -45,24 +46,24 @@ from beit3.pretrain.checkpoints import (
     tag_for,
 )
 from beit3.pretrain.masking import sample_seed
-from beit3.pretrain.metrics_sink import DiscardingSink, MetricsSink, MlflowSink, flatten, tracking_uri
 from beit3.pretrain.model import MultiwayTransformer
 from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
 from beit3.pretrain.objective import masked_counts, masked_prediction
 from beit3.pretrain.optimization import build_optimizer, learning_rate
 from beit3.pretrain.planner import KNOWN_GPUS
+from beit3.pretrain.run_recorder import RUN_STATE, RankRecorder, recorder_for
 from beit3.pretrain.shard_streams import (
     MicroBatchStream,
     StreamSettings,
     build_loader,
     index_datasets,
+    stream_settings,
 )
 from beit3.pretrain.train_config import BatchSplit, PretrainConfig, deepspeed_config, split_batch
 from beit3.tokenizers.text import TextTokenizer
 from beit3.tokenizers.visual import build_visual_tokenizer
 
 COMPONENTS = ("image", "text", "pair_image", "pair_text")
-RUN_STATE = "run.json"
 
 
 class ResumeError(ValueError):
@@ -90,15 +91,6 @@ def check_resume(saved: dict, fingerprint: dict, manifests: dict[str, str]) -> N
         if saved["manifests"].get(dataset) != digest:
             raise ResumeError(f"cannot resume: the manifest of {dataset} changed since the run started (sha256 "
                               f"{str(saved['manifests'].get(dataset))[:12]} -> {digest[:12]}); the shards differ")
-
-
-def _git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent)
-        return result.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 @dataclass
@@ -172,7 +164,7 @@ class PhaseClock:
 
 
 class Trainer:
-    """One optimizer step at a time over the three streams; the loop and checkpoints live in `train()`."""
+    """One optimizer step at a time over the three streams; the loop and checkpoints live in `run_steps`."""
 
     def __init__(self, config: PretrainConfig, split: BatchSplit, engine, streams: dict, device: torch.device,
                  visual_tokenizer=None):
@@ -240,22 +232,6 @@ class Trainer:
         return tokens
 
 
-def stream_settings(config: PretrainConfig, stream: str, micro_batch: int, text_tokenizer: TextTokenizer,
-                    visual_tokenizer=None) -> StreamSettings:
-    """What the loader of one stream needs from the recipe, the model and the tokenizers."""
-    grid = config.model.grid_size
-    return StreamSettings(
-        stream=stream, micro_batch=micro_batch, seed=config.seed, image_size=config.model.image_size,
-        grid=grid, mask_id=text_tokenizer.mask_id, image_ratio=config.masking.image_ratio,
-        mask_pair_images=config.masking.mask_pair_images, text_rate=config.masking.text_rate,
-        caption_rate=config.masking.caption_rate, views=config.augment,
-        tokenizer_view_size=grid * visual_tokenizer.patch_size if visual_tokenizer else None,
-        shuffle_window_shards=config.data.shuffle_window_shards, verify_sha256=config.data.verify_sha256,
-        read_attempts=config.data.read_attempts, read_backoff_seconds=config.data.read_backoff_seconds,
-        text_vocab_size=text_tokenizer.vocab_size, codebook_size=config.model.visual_vocab_size,
-        max_text_len=config.model.max_text_len)
-
-
 def code_perplexity(counts: torch.Tensor) -> float:
     """exp of the entropy of a code histogram: how many codes the targets effectively use (1 when one code is
     every target, the codebook size when all are used equally)."""
@@ -312,6 +288,30 @@ def phase_metrics(spent: dict[str, float], steps: int) -> dict[str, float]:
     return metrics
 
 
+class LogWindow:
+    """The steps since the last logged one: the seconds of each phase, and the histogram of the visual codes
+    their masked image patches were trained to predict."""
+
+    def __init__(self):
+        self.spent, self.steps, self.codes = dict.fromkeys(PHASES, 0.0), 0, None
+
+    def add(self, spent: dict[str, float], codes: torch.Tensor | None) -> None:
+        for phase, seconds in spent.items():
+            self.spent[phase] += seconds
+        self.steps += 1
+        if codes is not None:
+            self.codes = codes if self.codes is None else self.codes + codes
+
+    def metrics(self) -> dict[str, float]:
+        """The window's step-time breakdown and the perplexity of its code targets over all ranks (every rank
+        calls this at the same step)."""
+        metrics = phase_metrics(self.spent, self.steps)
+        if self.codes is not None:
+            dist.all_reduce(self.codes)
+            metrics["codes/perplexity"] = code_perplexity(self.codes)
+        return metrics
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -326,13 +326,6 @@ def _peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device).upper()
     return next((gpu.peak_flops for key, gpu in KNOWN_GPUS.items() if key.upper() in name), None)
-
-
-def _truncate_log(path: Path, after_step: int) -> None:
-    """Drop lines of steps a crashed run logged past its last checkpoint; the resumed run logs them again."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 @dataclass
@@ -351,6 +344,11 @@ class Preflight:
     """The training image shards the kNN probe's labelled bank comes from."""
     steps_change: str | None = None
     """How `steps` changed on this resume, when --allow-steps-change let it."""
+
+    @property
+    def run_state(self) -> dict:
+        """What `run.json` keeps for `check_resume`: the settings and the manifests the run started with."""
+        return {"fingerprint": self.fingerprint, "manifests": self.manifests}
 
 
 def preflight(config: PretrainConfig, world_size: int, require_resume: bool = False,
@@ -408,196 +406,210 @@ def check_steps_change(run_dir: Path, steps: int, tag: str, allowed: bool) -> st
     return change
 
 
+@dataclass
+class StartedRun:
+    """A run past preflight and inside its process group: what every later phase needs of it."""
+
+    checked: Preflight
+    device: torch.device
+    rank: int
+    visual_tokenizer: nn.Module | None
+    """The tokenizer run on each fresh view with `visual_codes: on_the_fly`; None with stored codes."""
+
+    @property
+    def world_size(self) -> int:
+        return self.checked.split.world_size
+
+
+@dataclass
+class Restored:
+    """The engine, and where training continues: the step and each stream's micro-batches served (0 when new)."""
+
+    engine: deepspeed.DeepSpeedEngine
+    ds_config: dict
+    step: int
+    positions: dict[str, int]
+
+
 def train(config: PretrainConfig, require_resume: bool = False, stop_after_step: int | None = None,
           allow_steps_change: bool = False) -> TrainResult:
     """Run (or continue) the configured pretraining; `stop_after_step` ends this process early (tests, benchmarks)."""
+    run = start_run(config, require_resume, allow_steps_change)
+    recorder = recorder_for(run.rank, Path(config.run_dir))
+    restored = restore(config, run, recorder)
+    streams, settings = build_streams(config, run, restored.positions)
+    checked = run.checked
+    recorder.start(config, restored.ds_config, checked.split, restored.step, checked.resume_point.tag,
+                   checked.run_state, checked.steps_change)
+    trainer = Trainer(config, checked.split, restored.engine, streams, run.device, run.visual_tokenizer)
+    evaluator = build_evaluator(config, run, settings, trainer.float_dtype, recorder)
+    with recorder.closing_with_status():
+        step = run_steps(config, trainer, evaluator, recorder, restored, stop_after_step)
+    return TrainResult(Path(config.run_dir), step, restored.step, recorder.run_id)
+
+
+def start_run(config: PretrainConfig, require_resume: bool, allow_steps_change: bool) -> StartedRun:
+    """Preflight before any process group, so that a bad recipe or missing data fails in seconds; then the device,
+    set before the group forms so that NCCL binds each rank to its own GPU; then the group, which must have the
+    ranks the launcher announced. The on-the-fly visual tokenizer is built here, before the model is seeded."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what the launcher set for the process group to come
-    # before any process group: a bad recipe fails now
     checked = preflight(config, world_size, require_resume, allow_steps_change)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # before the group forms, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank()
     if dist.get_world_size() != world_size:
         raise ConfigError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE said {world_size}; "
                           "start training with torchrun or deepspeed, which set it")
-    split, shards, text_tokenizer = checked.split, checked.shards, checked.text_tokenizer
-    tag = checked.resume_point.tag
-    run_dir = Path(config.run_dir)
-    checkpoint_dir = run_dir / "checkpoints"
     visual_tokenizer = None
     if config.data.visual_codes == "on_the_fly":
-        visual_tokenizer, _ = build_visual_tokenizer(config.data.visual_tokenizer)
-        visual_tokenizer = visual_tokenizer.to(device).eval()
+        visual_tokenizer = build_visual_tokenizer(config.data.visual_tokenizer)[0].to(device).eval()
+    return StartedRun(checked, device, dist.get_rank(), visual_tokenizer)
 
+
+def restore(config: PretrainConfig, run: StartedRun, recorder: RankRecorder) -> Restored:
+    """Settle the checkpoint folder, build the engine and, when the run continues, load its checkpoint: weights,
+    optimizer and schedule, data positions and RNG states, so that later steps compute what an uninterrupted run
+    would."""
+    checkpoint_dir, tag = Path(config.run_dir) / "checkpoints", run.checked.resume_point.tag
     dist.barrier()  # every rank has chosen its checkpoint before rank 0 moves folders or repairs `latest`
-    if rank == 0:
-        _settle_checkpoints(checkpoint_dir, checked.resume_point)
-    state, load_dir, ds_config = None, checkpoint_dir, deepspeed_config(config, split)
-    if tag is not None:
-        _scan_once_for_every_rank(checkpoint_dir / tag, rank, device)
-        state = load_trainer_state(checkpoint_dir, tag, rank)
-        if (state["zero_stage"] == 3) != (config.zero.stage == 3):
-            if rank == 0:
-                convert_to_universal(checkpoint_dir, tag)
-            dist.barrier()
-            load_dir = checkpoint_dir / UNIVERSAL
-            ds_config["checkpoint"] = {"load_universal": True}
+    if run.rank == 0:
+        _settle_checkpoints(checkpoint_dir, run.checked.resume_point, recorder.say)
+    state, load_dir = _trainer_state(config, run, checkpoint_dir)
+    ds_config = deepspeed_config(config, run.checked.split)
+    if load_dir.name == UNIVERSAL:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine, weight_decays = build_engine(config, ds_config, run.rank)
+    if state is None:
+        return Restored(engine, ds_config, 0, dict.fromkeys(run.checked.shards, 0))
+    engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+    for group, weight_decay in zip(engine.optimizer.optimizer.param_groups, weight_decays):
+        group["weight_decay"] = weight_decay  # the recipe's, whatever the loaded groups carried
+    restore_rng_states(state["rng"])
+    return Restored(engine, ds_config, state["step"], state["data_positions"])
 
+
+def _trainer_state(config: PretrainConfig, run: StartedRun, checkpoint_dir: Path) -> tuple[dict | None, Path]:
+    """This rank's trainer state of the checkpoint the run continues from (None for a new run), read once rank 0's
+    scan has passed its pickles, and the folder DeepSpeed loads from: across the ZeRO-3 boundary the layouts
+    differ, so rank 0 converts the checkpoint once into DeepSpeed's universal form, which every rank then loads."""
+    tag = run.checked.resume_point.tag
+    if tag is None:
+        return None, checkpoint_dir
+    _scan_once_for_every_rank(checkpoint_dir / tag, run.rank, run.device)
+    state = load_trainer_state(checkpoint_dir, tag, run.rank)
+    if (state["zero_stage"] == 3) == (config.zero.stage == 3):
+        return state, checkpoint_dir
+    if run.rank == 0:
+        convert_to_universal(checkpoint_dir, tag)
+    dist.barrier()
+    return state, checkpoint_dir / UNIVERSAL
+
+
+def build_engine(config: PretrainConfig, ds_config: dict, rank: int) -> tuple[deepspeed.DeepSpeedEngine, list]:
+    """The model from the run's seed (the same initial weights on every rank), its AdamW and schedule, under
+    DeepSpeed; then each rank's RNG (drop path) follows a seed of its own. Also returns each parameter group's
+    configured weight decay, which a loaded checkpoint must not replace."""
     torch.manual_seed(config.seed)
     model = MultiwayTransformer(config.model)
     if config.compile:
         compile_layers(model)
     optimizer = build_optimizer(model, config.optimizer)
-    optimizer_groups = [{"weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
+    weight_decays = [group["weight_decay"] for group in optimizer.param_groups]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, config.optimizer, config.steps) / config.optimizer.peak_lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     torch.manual_seed(sample_seed(config.seed, "rank", rank) % 2**63)
+    return engine, weight_decays
 
-    step, positions = 0, dict.fromkeys(shards, 0)
-    if state is not None:
-        engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
-        for loaded, configured in zip(engine.optimizer.optimizer.param_groups, optimizer_groups):
-            loaded["weight_decay"] = configured["weight_decay"]
-        step, positions = state["step"], state["data_positions"]
-        restore_rng_states(state["rng"])
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_STATE).write_text(json.dumps({"fingerprint": checked.fingerprint,
-                                                     "manifests": checked.manifests}, indent=1))
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
-        _truncate_log(run_dir / "metrics.jsonl", step)
-    samples_log = run_dir / "samples" / f"rank-{rank}.jsonl"
-    samples_log.parent.mkdir(parents=True, exist_ok=True)
-    _truncate_log(samples_log, step)
 
+def build_streams(config: PretrainConfig, run: StartedRun, positions: dict[str, int]
+                  ) -> tuple[dict, dict[str, StreamSettings]]:
+    """Each stream's loader on this rank, started past the micro-batches it already served (`positions`), so that
+    a resumed run reads what an uninterrupted one would; and each stream's settings, which evaluation shares."""
     streams, settings = {}, {}
-    for stream in shards:
-        settings[stream] = stream_settings(config, stream, split.micro[stream], text_tokenizer, visual_tokenizer)
-        dataset = MicroBatchStream(shards[stream], settings[stream], rank, world_size,
+    for stream, shards in run.checked.shards.items():
+        settings[stream] = stream_settings(config, stream, run.checked.split.micro[stream],
+                                           run.checked.text_tokenizer, run.visual_tokenizer)
+        dataset = MicroBatchStream(shards, settings[stream], run.rank, run.world_size,
                                    start_micro_batches=positions[stream])
         streams[stream] = iter(build_loader(dataset, config.data.workers, config.data.prefetch_batches))
-
-    sink: MetricsSink = DiscardingSink()
-    if rank == 0:
-        if checked.steps_change:
-            print(f"train: {checked.steps_change} (--allow-steps-change): the learning rate now follows the new "
-                  "schedule", flush=True)
-        tags = {"git_commit": _git_commit(), "world_size": str(world_size), "zero_stage": str(config.zero.stage),
-                "precision": config.precision}
-        if checked.steps_change:
-            tags["steps_change"] = checked.steps_change  # the `steps` param keeps the run's first value
-        sink = MlflowSink(run_dir, tracking_uri(config.mlflow.tracking_uri, run_dir), config.mlflow.experiment,
-                          config.name, flatten("", config.model_dump(mode="json")), tags,
-                          config.mlflow.system_metrics_interval_seconds if config.mlflow.log_system_metrics else None)
-        for artifact in ("config.yaml", "deepspeed.json", RUN_STATE):
-            sink.log_artifact(run_dir / artifact)
-        print(f"train: {config.name} on {world_size} rank(s), ZeRO-{config.zero.stage}, {config.precision}; "
-              f"micro-batches {split.micro} x {split.accumulation} accumulation; "
-              + (f"resumed from {tag}" if tag else "new run") + f"; run dir {run_dir}", flush=True)
-
-    trainer = Trainer(config, split, engine, streams, device, visual_tokenizer)
-    evaluator = Evaluator(config.eval, checked.validation, checked.probe_bank, settings,
-                          config.loss_weights.model_dump(), config.model.hidden, rank, world_size,
-                          lambda batch: to_device(batch, device, trainer.float_dtype, visual_tokenizer),
-                          say=lambda line: print(line, flush=True) if rank == 0 else None)
-    if evaluator.skipped and rank == 0:
-        print(f"eval: skipped for this run: {evaluator.skipped}", flush=True)
-    active = active_parameters_per_token(config.model)
-    peak = _peak_flops(device)
-    resumed_from, last_step = step, min(config.steps, stop_after_step or config.steps)
-    status = "FAILED"
-    window, window_steps, window_codes = dict.fromkeys(PHASES, 0.0), 0, None
-    try:
-        if step == 0 and not evaluator.skipped:
-            _log_evaluation(_timed_evaluation(evaluator, engine, trainer.clock), 0, rank, run_dir, sink)
-        while step < last_step:
-            started = time.perf_counter()
-            totals = trainer.train_step()
-            step += 1
-            for stream in positions:
-                positions[stream] += split.accumulation
-            reduced = _reduce(totals, device)
-            lr = learning_rate(step - 1, config.optimizer, config.steps)
-            metrics = step_metrics(reduced, time.perf_counter() - started, lr, engine.get_global_grad_norm(),
-                                   config, split, active, peak)
-            evaluation = {}
-            if not evaluator.skipped and (step % config.eval.every_steps == 0 or step == last_step):
-                evaluation = _timed_evaluation(evaluator, engine, trainer.clock)
-                if rank == 0:
-                    sink.log_metrics(evaluation, step)
-                    print(_evaluation_line(evaluation, step), flush=True)
-            for phase, seconds in trainer.clock.seconds().items():
-                window[phase] += seconds
-            window_steps += 1
-            if totals.codes is not None:
-                window_codes = totals.codes if window_codes is None else window_codes + totals.codes
-            if step % config.log_every_steps == 0 or step == last_step:
-                metrics.update(phase_metrics(window, window_steps))
-                if window_codes is not None:
-                    dist.all_reduce(window_codes)
-                    metrics["codes/perplexity"] = code_perplexity(window_codes)
-                window, window_steps, window_codes = dict.fromkeys(PHASES, 0.0), 0, None
-            with samples_log.open("a") as log:
-                digest = hashlib.sha256("\n".join(totals.keys).encode()).hexdigest()
-                log.write(json.dumps({"step": step, "samples": len(totals.keys), "sha256": digest}) + "\n")
-            if rank == 0:
-                with (run_dir / "metrics.jsonl").open("a") as log:
-                    log.write(json.dumps({"step": step, "wall_time": time.time(), **metrics, **evaluation}) + "\n")
-                if step % config.log_every_steps == 0 or step == last_step:
-                    sink.log_metrics(metrics, step)
-                    print(f"step {step:>7d}  loss {metrics['loss']:.4f}  lr {lr:.2e}  "
-                          f"{metrics['step_seconds']:.2f}s/step", flush=True)
-            if step % config.checkpoint.every_steps == 0 or step == last_step:
-                save_checkpoint(engine, checkpoint_dir, step, rank, positions, config.zero.stage,
-                                config.checkpoint.keep_last)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"  # Ctrl-C: MLflow shows the run as stopped by the user, not as failed
-        raise
-    finally:
-        sink.close(status)
-    return TrainResult(run_dir, step, resumed_from, sink.run_id)
+    return streams, settings
 
 
-def _timed_evaluation(evaluator: Evaluator, engine, clock: PhaseClock) -> dict[str, float]:
+def build_evaluator(config: PretrainConfig, run: StartedRun, settings: dict[str, StreamSettings],
+                    float_dtype: torch.dtype, recorder: RankRecorder) -> Evaluator:
+    """Held-out evaluation on this rank's share of the validation shards, with the streams' settings (views and
+    masks drawn from `eval.seed`); says so when there is nothing to evaluate."""
+    evaluator = Evaluator(config.eval, run.checked.validation, run.checked.probe_bank, settings,
+                          config.loss_weights.model_dump(), config.model.hidden, run.rank, run.world_size,
+                          lambda batch: to_device(batch, run.device, float_dtype, run.visual_tokenizer),
+                          say=recorder.say)
+    if evaluator.skipped:
+        recorder.say(f"eval: skipped for this run: {evaluator.skipped}")
+    return evaluator
+
+
+def run_steps(config: PretrainConfig, trainer: Trainer, evaluator: Evaluator, recorder: RankRecorder,
+              restored: Restored, stop_after_step: int | None) -> int:
+    """The loop, from the restored step to the configured one (or `stop_after_step`): each step's metrics reduced
+    over the ranks, an evaluation at step 0 and every `eval.every_steps`, the step-time breakdown and code
+    perplexity once per logging window, and a checkpoint every `checkpoint.every_steps` and at the last step.
+    Returns the step reached."""
+    last_step = min(config.steps, stop_after_step or config.steps)
+    step, positions, split = restored.step, dict(restored.positions), trainer.split
+    active, peak = active_parameters_per_token(config.model), _peak_flops(trainer.device)
+    window = LogWindow()
+    if step == 0 and not evaluator.skipped:
+        recorder.initial_evaluation(_timed_evaluation(evaluator, trainer))
+    while step < last_step:
+        started = time.perf_counter()
+        totals = trainer.train_step()
+        step += 1
+        for stream in positions:
+            positions[stream] += split.accumulation
+        metrics = step_metrics(_reduce(totals, trainer.device), time.perf_counter() - started,
+                               learning_rate(step - 1, config.optimizer, config.steps),
+                               trainer.engine.get_global_grad_norm(), config, split, active, peak)
+        evaluation = {}
+        if not evaluator.skipped and _due(step, config.eval.every_steps, last_step):
+            evaluation = _timed_evaluation(evaluator, trainer)
+            recorder.evaluated(evaluation, step)
+        window.add(trainer.clock.seconds(), totals.codes)
+        logged = _due(step, config.log_every_steps, last_step)
+        if logged:
+            metrics.update(window.metrics())
+            window = LogWindow()
+        recorder.step(step, totals.keys, metrics, evaluation, logged)
+        if _due(step, config.checkpoint.every_steps, last_step):
+            save_checkpoint(trainer.engine, Path(config.run_dir) / "checkpoints", step, dist.get_rank(), positions,
+                            config.zero.stage, config.checkpoint.keep_last)
+    return step
+
+
+def _timed_evaluation(evaluator: Evaluator, trainer: Trainer) -> dict[str, float]:
     """Evaluate, timing it as the step-time breakdown's `eval` phase."""
-    clock.lap("other")
-    evaluation = evaluator.run(engine)
-    clock.lap("eval")
+    trainer.clock.lap("other")
+    evaluation = evaluator.run(trainer.engine)
+    trainer.clock.lap("eval")
     return evaluation
 
 
-def _evaluation_line(metrics: dict[str, float], step: int) -> str:
-    probe = f"  kNN top-1 {metrics['probe/knn_top1']:.3f}" if "probe/knn_top1" in metrics else ""
-    losses = "  ".join(f"{name.removeprefix('val/loss/')} {value:.4f}" for name, value in metrics.items()
-                       if name.startswith("val/loss/"))
-    return f"eval {step:>7d}  val loss {metrics['val/loss']:.4f} ({losses}){probe}  {metrics['val/seconds']:.1f}s"
+def _due(step: int, every: int, last_step: int) -> bool:
+    """Every `every` steps, and at the last step of this process."""
+    return step % every == 0 or step == last_step
 
 
-def _log_evaluation(metrics: dict[str, float], step: int, rank: int, run_dir: Path, sink: MetricsSink) -> None:
-    """An evaluation outside a training step (the initial weights): its own metrics.jsonl line."""
-    if rank == 0:
-        with (run_dir / "metrics.jsonl").open("a") as log:
-            log.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
-        sink.log_metrics(metrics, step)
-        print(_evaluation_line(metrics, step), flush=True)
-
-
-def _settle_checkpoints(checkpoint_dir: Path, resume_point: ResumePoint) -> None:
+def _settle_checkpoints(checkpoint_dir: Path, resume_point: ResumePoint, say) -> None:
     """Before a run saves anything: move aside the folders newer than its checkpoint (a save a crash cut short,
     or one `latest` no longer names), and point a passed-over `latest` at the checkpoint resumed from."""
     for tag, moved in zip(resume_point.newer, set_aside(checkpoint_dir, resume_point.newer)):
-        print(f"train: moved {checkpoint_dir / tag} aside to {moved}: it is newer than the checkpoint this run "
-              "continues from", flush=True)
+        say(f"train: moved {checkpoint_dir / tag} aside to {moved}: it is newer than the checkpoint this run "
+            "continues from")
     if resume_point.latest_problem:
-        print(f"train: {resume_point.latest_problem}; continuing from {resume_point.tag}, the newest checkpoint "
-              "whose completion marker proves it whole", flush=True)
+        say(f"train: {resume_point.latest_problem}; continuing from {resume_point.tag}, the newest checkpoint "
+            "whose completion marker proves it whole")
         mark_latest(checkpoint_dir, resume_point.tag)
 
 
