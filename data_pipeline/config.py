@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from beit3.tokenizers.visual import VisualTokenizerConfig
+from beit3.tokenizers.visual_config import VisualTokenizerConfig
 
 from .storage import check_location
 from .views import ViewSettings
@@ -134,6 +134,19 @@ class RaySettings(_Strict):
     memory_per_task: int | None = Field(
         None, gt=0, description="Bytes of memory Ray reserves for each prepare task, so that a node runs only as many "
         "at once as its memory holds; none: as many as it has CPUs.")
+    object_store_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of the cluster's object store that the blocks waiting between stages (a "
+        "planned shard's prepared samples and tokenizer views, then its coded samples) may fill. At the bound Ray "
+        "Data starts no task whose output would go past its stage's part of it, so a slow stage (the tokenizer "
+        "actors, or writes to slow storage) holds the stages before it back instead of letting their output pile up "
+        "in memory or spill to disk. 0.5 is Ray Data's own default.")
+    object_store_bytes: int | None = Field(
+        None, gt=0, description="The same bound in bytes for the whole cluster (the smaller of the two applies), e.g. "
+        "on a cluster shared with other jobs; none: the share alone.")
+    tokenizer_tasks_in_flight: int = Field(
+        2, gt=0, description="Planned shards handed to each visual-tokenizer actor at once: the one it codes and the "
+        "next, fetched meanwhile (each holds a shard's tokenizer views). 2 is Ray Data's default; 1 holds less and "
+        "leaves the actor idle while a shard arrives.")
 
 
 class PlannedUse(_Strict):
@@ -163,9 +176,10 @@ class DataConfig(_Strict):
     seed: int = 0
     samples_per_shard: int = Field(1000, gt=0, description="Images or pairs per shard.")
     shard_bytes: int = Field(2**30, gt=0, description="Shard files are closed before they exceed this many bytes "
-                             "(see the class docstring). A text shard is written part by part while its file is "
-                             "read, so this also bounds a text worker's memory: about twice this plus a batch of "
-                             "text, however large the file.")
+                             "(see the class docstring). A text shard's parts are spooled to the worker's local "
+                             "disk while its file is read, so a text worker holds a batch of text and a few MB of "
+                             "entries however large the file, and needs this much temporary disk (storing a part in "
+                             "a local folder still reads it whole; S3 uploads stream).")
     text_shard_bytes: int = Field(
         64 * 2**20, gt=0, description="Uncompressed line-per-document corpus files are split into parts of this "
         "many input bytes, one text shard each; compressed and paragraph files give one shard per file, read as a "

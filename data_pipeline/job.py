@@ -38,9 +38,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from beit3.tokenizers.visual import build_visual_tokenizer
-
-from .config import DataConfig
+from .config import DataConfig, RaySettings
 from .holdout import is_validation_name
 from .manifest import Manifest, load_or_start
 from .processing import add_codes, finish_shard, prepare_images, prepare_pairs, prepare_text
@@ -74,23 +72,37 @@ def _peak_memory() -> int:
         return 0
 
 
-def _with_peak(row: dict, stage: str, peak: int) -> str:
-    """The row's per-stage peaks (JSON) with this stage's added."""
-    return json.dumps({**json.loads(row.get("peaks", "{}")), stage: peak})
+def _with_stage(row: dict, stage: str) -> str:
+    """The row's record of the stages it has been through (JSON: per stage, the worker's peak resident bytes and
+    the Ray node it ran on) with this stage's added."""
+    record = {"peak": _peak_memory(), "node": ray.get_runtime_context().get_node_id()}
+    return json.dumps({**json.loads(row.get("stages", "{}")), stage: record})
 
 
 @ray.remote(num_cpus=0)
 class _Attempts:
     """Which planned shards each stage has started, and how often: when retries run out after worker deaths,
-    the shard tried most is the one that killed its workers."""
+    the shard tried most is the one that killed its workers. Also the most shards in flight at once (prepare
+    started, not all stored yet), which the object store budget (`ray.object_store_*`) bounds."""
 
     def __init__(self):
         self.counts: Counter = Counter()
         self.inputs: dict[str, str] = {}
+        self.in_flight: set[str] = set()
+        self.most_in_flight = 0
 
     def start(self, stage: str, shard: str, inputs: str) -> None:
         self.counts[(stage, shard)] += 1
         self.inputs[shard] = inputs
+        if stage == "prepare":
+            self.in_flight.add(shard)
+            self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+
+    def stored(self, shard: str) -> None:
+        self.in_flight.discard(shard)
+
+    def most_shards_in_flight(self) -> int:
+        return self.most_in_flight
 
     def started(self) -> list[tuple[str, str, str, int]]:
         """(stage, shard, inputs, attempts), most attempted first."""
@@ -114,7 +126,7 @@ def _prepare(row: dict, config_json: str, attempts=None) -> dict:
     except Exception as error:
         error.add_note(f"while preparing {plan.name} from {plan.inputs}")
         raise
-    return {"work": pickle.dumps(work), "peaks": _with_peak(row, "prepare", _peak_memory())}
+    return {"work": pickle.dumps(work), "stages": _with_stage(row, "prepare")}
 
 
 class _VisualCodes:
@@ -124,6 +136,8 @@ class _VisualCodes:
         settings = DataConfig.model_validate_json(config_json).visual_tokenizer
         if settings.checkpoint:
             settings = settings.model_copy(update={"checkpoint": local_copy(settings.checkpoint)})
+        from beit3.tokenizers.visual import build_visual_tokenizer  # here: prepare and write workers never load timm
+
         self.tokenizer, _ = build_visual_tokenizer(settings)
         if torch.cuda.is_available():
             self.tokenizer = self.tokenizer.cuda()
@@ -131,20 +145,23 @@ class _VisualCodes:
     def __call__(self, row: dict) -> dict:
         _reset_peak_memory()
         work = add_codes(pickle.loads(row["work"]), self.tokenizer)
-        return {"work": pickle.dumps(work), "peaks": _with_peak(row, "visual codes", _peak_memory())}
+        return {"work": pickle.dumps(work), "stages": _with_stage(row, "visual codes")}
 
 
-def _write(row: dict, config_json: str) -> dict:
+def _write(row: dict, config_json: str, attempts=None) -> dict:
     """Store the planned shard's tars (each atomically) that the prepare stage has not; the driver lists them
-    once all are stored."""
+    once all are stored. `attempts` (an `_Attempts`), when given, learns that the shard is no longer in flight."""
     _reset_peak_memory()
     config = DataConfig.model_validate_json(config_json)
-    parts = finish_shard(pickle.loads(row["work"]), config)
+    work = pickle.loads(row["work"])
+    parts = finish_shard(work, config)
     storage = open_storage(config.output)
     for data, entry in parts:
         if data:
             storage.write_atomic(entry["name"], data)
-    return {"entries": json.dumps([entry for _, entry in parts]), "peaks": _with_peak(row, "write", _peak_memory())}
+    if attempts is not None:
+        ray.get(attempts.stored.remote(work.plan.name))
+    return {"entries": json.dumps([entry for _, entry in parts]), "stages": _with_stage(row, "write")}
 
 
 class ShardWorkerDied(ChildProcessError):
@@ -159,6 +176,10 @@ class BuildResult:
     seconds: float
     peak_memory: dict[str, int] = field(default_factory=dict)
     """Per stage, the largest peak resident bytes of a worker process running it on one shard of this run."""
+    shards_per_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per stage, how many planned shards of this run each Ray node (by node id) ran it on."""
+    most_shards_in_flight: int = 0
+    """The most planned shards of this run in flight at once: prepare started, not all stored yet."""
 
 
 def preflight(config: DataConfig) -> None:
@@ -214,17 +235,17 @@ def build(config: DataConfig, ray_address: str | None = None, progress: bool = T
     manifest = load_or_start(storage, config)
     plans = plan_shards(config)
     todo = [plan for plan in plans if not manifest.is_done(plan.name, storage)]
-    peaks: dict[str, int] = {}
+    figures: dict = {}
     if todo:
         try:
-            peaks = _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
+            figures = _run(config, todo, manifest, storage, ray_address or config.ray.address, progress)
         except Exception as error:
             failure = storage_failure(error)
             if failure is None:
                 raise
             raise failure from None
     manifest.save(storage)
-    return BuildResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - start, peaks)
+    return BuildResult(manifest, len(todo), len(plans) - len(todo), time.perf_counter() - start, **figures)
 
 
 WORKER_DEATHS = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.ActorDiedError,
@@ -263,9 +284,22 @@ def _progress_bars(todo, progress: bool) -> dict[str, tqdm]:
                        dynamic_ncols=True) for position, (kind, count) in enumerate(sorted(planned.items()))}
 
 
-def _run(config, todo, manifest, storage, address, progress) -> dict[str, int]:
-    """Run the stages over the planned shards still to build, listing each in the manifest once stored; the
-    largest peak resident bytes each stage reached on one shard."""
+def _limit_blocks_in_flight(context: ray.data.DataContext, settings: RaySettings) -> None:
+    """Bound the bytes the stages hold between them (a planned shard's prepared samples and tokenizer views, then
+    its coded samples), so that a slow stage (the tokenizer actors, or writes to slow storage) holds the stages
+    before it back instead of letting their output pile up in the object store or spill to disk. Ray Data starts
+    no task whose output would take its stage past its share of the budget. Each block is one planned shard
+    (one row per block, one block per task), so `target_max_block_size` does not apply."""
+    context.override_object_store_memory_limit_fraction = settings.object_store_fraction
+    if settings.object_store_bytes is not None:
+        limits = context.execution_options.resource_limits
+        context.execution_options.resource_limits = limits.copy(object_store_memory=settings.object_store_bytes)
+
+
+def _run(config, todo, manifest, storage, address, progress) -> dict:
+    """Run the stages over the planned shards still to build, listing each in the manifest once stored; returns
+    `BuildResult`'s figures of the run: per stage the largest peak resident bytes on one shard and the shards
+    each node ran, and the most shards in flight at once."""
     started_here = not ray.is_initialized()
     if started_here:
         # Ray retries a task killed for memory by its own budget (without limit by default), not max_retries; it
@@ -274,6 +308,7 @@ def _run(config, todo, manifest, storage, address, progress) -> dict[str, int]:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  _system_config={"task_oom_retries": config.ray.max_task_retries} if local else None)
     peaks: dict[str, int] = {}
+    nodes: dict[str, Counter] = {}
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
@@ -284,16 +319,20 @@ def _run(config, todo, manifest, storage, address, progress) -> dict[str, int]:
         if config.ray.memory_per_task:
             retries["memory"] = config.ray.memory_per_task
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        _limit_blocks_in_flight(dataset.context, config.ray)  # this dataset's own copy of the context
         dataset = dataset.map(_prepare, fn_kwargs={"config_json": config_json, "attempts": attempts}, **retries)
         if config.visual_tokenizer is not None:
             gpus = config.ray.gpus_per_tokenizer_actor
             if gpus is None:
                 gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-            dataset = dataset.map(_VisualCodes, fn_constructor_kwargs={"config_json": config_json},
-                                  concurrency=config.ray.tokenizer_actors, num_gpus=gpus,
+            pool = ray.data.ActorPoolStrategy(size=config.ray.tokenizer_actors,
+                                              max_tasks_in_flight_per_actor=config.ray.tokenizer_tasks_in_flight)
+            dataset = dataset.map(_VisualCodes, fn_constructor_kwargs={"config_json": config_json}, compute=pool,
+                                  num_gpus=gpus,
                                   max_restarts=config.ray.max_actor_restarts,
                                   max_task_retries=config.ray.max_task_retries)
-        dataset = dataset.map(_write, fn_kwargs={"config_json": config_json}, **retries)  # alike: fused with prepare
+        dataset = dataset.map(_write, fn_kwargs={"config_json": config_json, "attempts": attempts},
+                              **retries)  # alike: fused with prepare
         unsaved, done, bars = 0, set(), _progress_bars(todo, progress)
         samples, start = Counter(), time.perf_counter()
         try:
@@ -301,8 +340,9 @@ def _run(config, todo, manifest, storage, address, progress) -> dict[str, int]:
                 entries = json.loads(row["entries"])
                 manifest.add(entries)
                 done.add(entries[0]["shard"])
-                for stage, peak in json.loads(row["peaks"]).items():
-                    peaks[stage] = max(peaks.get(stage, 0), peak)
+                for stage, record in json.loads(row["stages"]).items():
+                    peaks[stage] = max(peaks.get(stage, 0), record["peak"])
+                    nodes.setdefault(stage, Counter())[record["node"]] += 1
                 unsaved += 1
                 # Rewriting the whole manifest after every shard would cost quadratic bytes on a long job;
                 # saving after a twentieth more keeps the total linear. Unsaved shards are simply redone.
@@ -323,10 +363,12 @@ def _run(config, todo, manifest, storage, address, progress) -> dict[str, int]:
             for bar in bars.values():
                 bar.close()
             manifest.save(storage)
+        most_in_flight = ray.get(attempts.most_shards_in_flight.remote())
     finally:
         if started_here:
             ray.shutdown()
-    return peaks
+    return {"peak_memory": peaks, "shards_per_node": {stage: dict(counts) for stage, counts in nodes.items()},
+            "most_shards_in_flight": most_in_flight}
 
 
 def summary_table(result: BuildResult) -> str:
@@ -353,6 +395,13 @@ def summary_table(result: BuildResult) -> str:
     if result.peak_memory:
         lines.append("peak memory of a worker on one shard: " + ", ".join(
             f"{stage} {peak / 2**20:,.0f} MiB" for stage, peak in result.peak_memory.items()))
+    if result.shards_per_node:
+        lines.append("planned shards per Ray node (id prefix): " + "; ".join(
+            f"{stage} " + ", ".join(f"{node[:8]} {count}" for node, count in sorted(counts.items()))
+            for stage, counts in result.shards_per_node.items()))
+    if most := result.most_shards_in_flight:
+        lines.append(f"at most {most} planned shard{'s' if most > 1 else ''} in flight at once (prepare started, "
+                     "not yet stored)")
     return "\n".join(lines)
 
 

@@ -12,16 +12,20 @@ are read, images by `max_pixels`.
 """
 
 import functools
+import hashlib
 import io
 import logging
 import lzma
 import re
 import sys
 import tarfile
+import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +34,6 @@ import zstandard
 from beit3.pretrain.masking import sample_seed
 from beit3.tokenizers.images import ImageDecodeError, decode_image
 from beit3.tokenizers.text import BOS, EOS, PAD, TextTokenizer, truncate
-from beit3.tokenizers.visual import VisualTokenizer
 
 from .config import MAX_COMPRESSION_RATIO, MAX_DOCUMENT_BYTES, DataConfig
 from .holdout import document_splitter, held_out_while_building, validation_name
@@ -41,6 +44,9 @@ from .storage import Storage, StoreUnusable, local_copy, open_storage
 from .tar_index import (PAIR_IMAGE_EXTENSIONS, TarSample, TarSkip, damage_after_last_member, image_samples,
                         index_tar, pair_samples, read_sample)
 from .views import choose_views, render_view, resize_shorter_side
+
+if TYPE_CHECKING:  # the tokenizer's module imports timm, which shard workers do not need
+    from beit3.tokenizers.visual import VisualTokenizer
 
 CODE_BATCH = 64
 """Views per visual-tokenizer forward pass."""
@@ -406,7 +412,7 @@ def _pairs_of_table(items: tuple, work: ShardWork):
                {"file": item.name, "index": item.index})
 
 
-def add_codes(work: ShardWork, tokenizer: VisualTokenizer) -> ShardWork:
+def add_codes(work: ShardWork, tokenizer: "VisualTokenizer") -> ShardWork:
     """Visual codes (uint16) for every stored view, in batches of CODE_BATCH views."""
     if not work.tokenizer_views:
         return work
@@ -797,9 +803,10 @@ def prepare_text(plan: ShardPlan, config: DataConfig, storage: Storage | None = 
     right-padded with `<pad>`): one entry per 128-token segment would spend 2 KB of tar headers on 256 bytes
     of ids. Documents are read (a compressed file as a stream), tokenized and packed a batch at a time.
 
-    Given the output `storage` (the build does), each tar is written as soon as it is full (`shard_bytes`, the
-    parts `finish_shard` would cut) and dropped, so a worker holds one part and one batch of text whatever the
-    size of the file; without, the entries stay in the work for `finish_shard`.
+    Given the output `storage` (the build does), each tar is spooled to local disk as its entries come and
+    stored as soon as it is full (`shard_bytes`, the parts `finish_shard` would cut), so a worker holds a batch
+    of text and a chunk of entries whatever the size of the file or of a part; without, the entries stay in the
+    work for `finish_shard`.
 
     With the source's `validation`, held-out documents (see `holdout`) are packed apart, into blocks of the
     shard's validation file."""
@@ -828,41 +835,82 @@ def prepare_text(plan: ShardPlan, config: DataConfig, storage: Storage | None = 
     return work
 
 
+MEMBER_CHUNK_BYTES = 1 << 20
+"""Tar members are made (and a streamed part spooled) this many bytes of entries at a time."""
+
+
+def _member_chunks(samples: Iterable[dict]) -> Iterator[bytes]:
+    """The tar members of samples in order, as `tar_bytes` lays them out without its end blocks, about
+    MEMBER_CHUNK_BYTES at a time: a tar made chunk by chunk never holds its members twice."""
+    batch, size = [], 0
+    for sample in samples:
+        batch.append(sample)
+        size += sample_tar_bytes(sample)
+        if size >= MEMBER_CHUNK_BYTES:
+            yield tar_bytes(batch)[:size]
+            batch, size = [], 0
+    if batch:
+        yield tar_bytes(batch)[:size]
+
+
 class _StreamedParts:
     """A text stream's tar entries written as the consecutive parts `finish_shard` would cut: a part is closed
-    before the next entry would take it past `shard_bytes`, stored at once and dropped."""
+    before the next entry would take it past `shard_bytes`. Entries go to a local spool file as they come (hashed
+    on the way), which is uploaded when its part closes: a worker holds a chunk of entries, never a part's entries
+    and its tar, so `shard_bytes` costs local disk. (Storing in a local folder still reads the part whole; S3
+    uploads stream from the file.)"""
 
     def __init__(self, plan: ShardPlan, config: DataConfig, held_out: bool, storage: Storage):
         self.plan, self.storage, self.max_bytes = plan, storage, config.shard_bytes
         self.name_of = validation_name if held_out else shard_name
-        self.samples: list[dict] = []
-        self.written, self.member_bytes = Counter(), 0
+        self.pending: list[dict] = []
+        self.pending_bytes, self.entries, self.member_bytes = 0, 0, 0
+        self.written: Counter = Counter()
+        self.spool, self.digest = None, hashlib.sha256()
         self.stored: list[tuple[bytes, dict]] = []
 
     def add(self, source: str, sample: dict, training_samples: int) -> None:
         size = sample_tar_bytes(sample)
-        if self.samples and tar_size(self.member_bytes + size) > self.max_bytes:
+        if self.entries and tar_size(self.member_bytes + size) > self.max_bytes:
             self._close()
-        self.samples.append(sample)
+        self.pending.append(sample)
         self.written[source] += training_samples
+        self.entries += 1
         self.member_bytes += size
+        self.pending_bytes += size
+        if self.pending_bytes >= MEMBER_CHUNK_BYTES:
+            self._spool_pending()
 
     def finish(self) -> list[tuple[bytes, dict]]:
         """The stored parts, each with no bytes and its manifest entry."""
         self._close()
         return self.stored
 
+    def _append(self, data: bytes) -> None:
+        if self.spool is None:
+            self.spool = tempfile.NamedTemporaryFile(prefix="beit3-part-", suffix=".tar")
+        self.spool.write(data)
+        self.digest.update(data)
+
+    def _spool_pending(self) -> None:
+        for chunk in _member_chunks(self.pending):
+            self._append(chunk)
+        self.pending, self.pending_bytes = [], 0
+
     def _close(self) -> None:
-        if not self.samples:
+        if not self.entries:
             return
+        self._spool_pending()
+        self._append(bytes(tar_size(self.member_bytes) - self.member_bytes))  # the end blocks and record padding
+        self.spool.flush()
         name = self.name_of(self.plan.kind, self.plan.index, len(self.stored))
-        data = tar_bytes(self.samples)
-        record = ShardRecord.of(name, self.plan.name, self.plan.kind, sum(self.written.values()), len(self.samples),
-                                data)
-        self.samples = []
-        self.storage.write_atomic(name, data)
+        record = ShardRecord(name, self.plan.name, self.plan.kind, sum(self.written.values()), self.entries,
+                             tar_size(self.member_bytes), self.digest.hexdigest())
+        self.storage.upload_atomic(name, Path(self.spool.name))
+        self.spool.close()  # which deletes it
         self.stored.append((b"", {**record.__dict__, "written": dict(self.written), "skipped": {}, "repaired": {}}))
-        self.written, self.member_bytes = Counter(), 0
+        self.spool, self.digest, self.written = None, hashlib.sha256(), Counter()
+        self.entries, self.member_bytes = 0, 0
 
 
 class _SegmentBlocks:
@@ -910,7 +958,16 @@ def _by_source(counter: Counter) -> dict[str, dict[str, int]]:
     return grouped
 
 
-def finish_shard(work: ShardWork, config: DataConfig) -> list[tuple[bytes, dict]]:
+def _tar_filled(samples: list[dict], member_bytes: int) -> bytearray:
+    """`tar_bytes(samples)`, filled in chunk by chunk: the tar is the one copy of the members made."""
+    data, position = bytearray(tar_size(member_bytes)), 0
+    for chunk in _member_chunks(samples):
+        data[position : position + len(chunk)] = chunk
+        position += len(chunk)
+    return data
+
+
+def finish_shard(work: ShardWork, config: DataConfig) -> list[tuple[bytes | bytearray, dict]]:
     """The tars of a planned shard with their manifest entries, in order.
 
     Entries go to consecutive parts (see `part_bounds`): a part is closed at `samples_per_shard` images or
@@ -929,7 +986,7 @@ def finish_shard(work: ShardWork, config: DataConfig) -> list[tuple[bytes, dict]
         for part, (start, stop) in enumerate(part_bounds(sizes, max_samples, config.shard_bytes)):
             chosen = entries[start:stop]
             written, name = work.written(chosen), name_of(plan.kind, plan.index, part)
-            data = tar_bytes([work.samples[entry] for entry in chosen])
+            data = _tar_filled([work.samples[entry] for entry in chosen], sum(sizes[start:stop]))
             record = ShardRecord.of(name, plan.name, plan.kind, sum(written.values()), len(chosen), data)
             parts.append((data, {**record.__dict__, "written": dict(written), "skipped": {}, "repaired": {}}))
     if not parts:

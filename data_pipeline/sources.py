@@ -16,7 +16,9 @@ import io
 import json
 import logging
 import random
-from collections import Counter
+import sys
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # the plan holds one per sample
 class ImageItem:
     """One image file at `name` under the source's root; `label` is the synset (its class folder)."""
 
@@ -72,7 +74,7 @@ class TextFile:
     stop: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # the plan holds one per sample
 class PairItem:
     """One image-text pair from a table or COCO annotations: the image at `name` under `root`. A table row
     that could not be parsed carries the reason it is skipped, one whose text needed repair the repair: both
@@ -125,7 +127,8 @@ def list_imagenet(source: ImageNetSource) -> tuple[list[ImageItem], list[ImageTa
     tars = [name for name in names if name.lower().endswith(".tar")]
     if not files and not tars:
         raise FileNotFoundError(f"source {source.name}: no images under {source.path}")
-    return ([ImageItem(source.name, source.path, name, name.split("/")[0], index) for index, name in enumerate(files)],
+    return ([ImageItem(source.name, source.path, name, sys.intern(name.split("/")[0]), index)  # one label per class
+             for index, name in enumerate(files)],
             [ImageTar(source.name, source.path, name, name.rsplit("/", 1)[-1][: -len(".tar")], index)
              for index, name in enumerate(tars)])
 
@@ -326,16 +329,26 @@ INDEXING_THREADS = 16
 """Input tars indexed at once: reading headers is waiting on storage (range requests on S3), not computing."""
 
 
-def _indexed(tars: list) -> list[TarIndex]:
+def _indexed(tars: list) -> Iterator[tuple[object, TarIndex]]:
+    """Each tar with its index, in order. At most twice INDEXING_THREADS indexes exist at a time: one is a few
+    hundred bytes per member, many times what its samples take in the plan."""
     with ThreadPoolExecutor(INDEXING_THREADS) as pool:
-        return list(pool.map(lambda tar: index_tar(tar.root, tar.name), tars))
+        pending: deque = deque()
+        for tar in tars:
+            pending.append((tar, pool.submit(index_tar, tar.root, tar.name)))
+            if len(pending) >= 2 * INDEXING_THREADS:
+                tar, future = pending.popleft()
+                yield tar, future.result()
+        while pending:
+            tar, future = pending.popleft()
+            yield tar, future.result()
 
 
 def _tar_units(tars: list, samples_of) -> tuple[list, list[tuple]]:
     """The samples (and findings) of uncompressed input tars, to be planned with the rest of their kind, and a
     unit of its own for each compressed tar."""
     samples, whole = [], []
-    for tar, index in zip(tars, _indexed(tars)):
+    for tar, index in _indexed(tars):
         if index.compressed:
             log.warning("source %s: %s is compressed, so it cannot be read by ranges: it is read whole into one "
                         "shard, not mixed with the rest of its source", tar.source, index.origin)

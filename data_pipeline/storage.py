@@ -17,7 +17,9 @@ own errors. `check_readable` and `check_writable` find those in seconds, before 
 
 import functools
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 from urllib.parse import urlsplit
@@ -163,21 +165,30 @@ class LocalStorage:
             raise MissingObject(f"{self.url(name)}: not found") from None
 
     def write_atomic(self, name: str, data: bytes) -> None:
+        self._replace_atomically(name, lambda handle: handle.write(data))
+
+    def upload_atomic(self, name: str, local_path: Path) -> None:
+        """Copied in 1 MiB blocks, so that a large part never sits in memory."""
+        def copy(handle: BinaryIO) -> None:
+            with open(local_path, "rb") as source:
+                shutil.copyfileobj(source, handle, 1 << 20)
+
+        self._replace_atomically(name, copy)
+
+    def _replace_atomically(self, name: str, write: Callable[[BinaryIO], object]) -> None:
+        """Written and fsynced beside its name, then renamed: readers see the old file or the whole new one."""
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         try:
             with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
+                write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-
-    def upload_atomic(self, name: str, local_path: Path) -> None:
-        self.write_atomic(name, Path(local_path).read_bytes())
 
     def list(self, prefix: str = "") -> list[str]:
         if not self.root.is_dir():

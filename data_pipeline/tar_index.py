@@ -129,7 +129,8 @@ def index_tar(root: str, name: str) -> TarIndex:
     damage = None
     with archive:
         try:
-            for member in archive:
+            while (member := archive.next()) is not None:
+                archive.members = []  # else tarfile keeps every header: tens of thousands in a downloader's tar
                 where = f"{origin}:{member.name}"
                 if member.isdir():
                     continue

@@ -1,6 +1,7 @@
 """The cluster launch paths in launch/, with real processes on one machine: 2-node torchrun and DeepSpeed
 launches over loopback through their scripts, the SLURM script under a stand-in scheduler, the data pipeline
-submitted as a job to a 2-node Ray cluster, and the Ray cluster YAML checked against Ray's own schema."""
+submitted as a job to a 2-node Ray cluster on loopback (beit3.launch.ray.local_cluster), and the Ray cluster YAML
+checked against Ray's own schema."""
 
 import copy
 import json
@@ -11,21 +12,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
-import psutil
 import pytest
 import yaml
 
 from beit3.config import validate_config
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.sources import plan_shards
+from beit3.launch.ray.local_cluster import loopback_cluster
 from beit3.pretrain.checkpoints import tag_for
 from beit3.sample_data import tiny_recipe
 from pipeline_inputs import BAD_IMAGES, data_config, make_imagenet, make_spm, make_text
@@ -224,92 +220,6 @@ def test_launch_packages_are_installed():
         assert ".".join(["beit3", *folder.relative_to(REPO).parts]) in listed, folder
 
 
-def _get_json(url: str, token: str) -> dict:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _wait_for(condition, what: str, processes: list[subprocess.Popen], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        for process in processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"{what}: `ray start` exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not reached within {timeout:.0f}s")
-        try:
-            processes[-1].wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _ray_start(arguments: list[str], environment: dict, log: Path) -> subprocess.Popen:
-    with open(log, "w") as output:
-        return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--num-cpus", "1", "--disable-usage-stats",
-                                 "--node-ip-address", "127.0.0.1", *arguments], env=environment, stdout=output,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(processes: list[subprocess.Popen], temp_dir: str) -> None:
-    """SIGTERM to each `ray start --block`, which then stops the processes of its node; then make sure none of
-    the cluster's processes (all of which name its temp dir) is left."""
-    for process in reversed(processes):
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    deadline = time.monotonic() + 30
-    while leftovers := [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]:
-        if time.monotonic() > deadline:
-            for process in leftovers:
-                process.kill()
-            raise AssertionError(f"Ray processes outlived the cluster: {[p.pid for p in leftovers]}")
-        psutil.wait_procs(leftovers, timeout=1)
-
-
-@contextmanager
-def ray_cluster(logs: Path):
-    """A head and a worker node, each `ray start --block` with one CPU, under their own temp dir and ports so
-    that no other Ray instance on the machine sees or is touched by them; token authentication on, as Ray
-    enables it by default. Yields the dashboard URL and the environment a client needs."""
-    temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must stay under 108 bytes
-    token = secrets.token_hex(32)
-    # The job's entrypoint runs `python` from the nodes' PATH: this environment's Python goes first.
-    environment = launch_environment(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
-                                     RAY_AUTH_TOKEN=token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
-    port, dashboard_port = free_port(), free_port()
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    processes = []
-    try:
-        processes.append(_ray_start(
-            ["--head", "--port", str(port), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(free_port()),
-             "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", temp_dir],
-            environment, logs / "ray-head.log"))
-        _wait_for(lambda: _get_json(f"{dashboard}/api/version", token), "dashboard", processes)
-        processes.append(_ray_start(
-            ["--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port", str(free_port()),
-             "--temp-dir", temp_dir], environment, logs / "ray-worker.log"))
-
-        def two_nodes_alive():
-            nodes = _get_json(f"{dashboard}/nodes?view=summary", token)["data"]["summary"]
-            return sum(node["raylet"]["state"] == "ALIVE" for node in nodes) == 2
-
-        _wait_for(two_nodes_alive, "2 alive nodes", processes)
-        yield dashboard, environment
-    finally:
-        _stop(processes, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def s3_bucket_name(s3_endpoint_url) -> str:
     name = f"launch-{secrets.token_hex(6)}"
@@ -344,11 +254,15 @@ def test_data_pipeline_runs_as_a_job_on_a_two_node_ray_cluster(tmp_path, s3_endp
     config.write_text(yaml.safe_dump(raw))
     aws = {"AWS_ENDPOINT_URL": s3_endpoint_url, **CREDENTIALS}
 
-    with ray_cluster(tmp_path) as (dashboard, cluster_environment):
-        submitter = {**cluster_environment, **aws}
-        result = subprocess.run([sys.executable, "-m", "beit3.launch.ray.submit", "--address", dashboard,
+    # The job's entrypoint runs `python` from the nodes' PATH: this environment's Python goes first.
+    nodes = launch_environment(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
+                               RAY_AUTH_TOKEN=secrets.token_hex(32))
+    with loopback_cluster(2, tmp_path, dashboard=True, environment=nodes) as cluster:
+        result = subprocess.run([sys.executable, "-m", "beit3.launch.ray.submit", "--address", cluster.dashboard,
                                  "--config", str(config), "--wait", "--quiet", "--forward-aws-credentials"],
-                                env=submitter, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                                env={**cluster.environment, **aws}, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+    assert cluster.leftovers == [], f"Ray processes outlived the cluster: {cluster.leftovers}"
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert "submitted job raysubmit_" in result.stdout and "SUCCEEDED" in result.stdout
 

@@ -110,6 +110,21 @@ def test_the_peak_memory_of_a_compressed_text_build_does_not_grow_with_the_file(
     assert large["peak_above_start"] < small["peak_above_start"] + 24 * 2**20, peaks
 
 
+@pytest.mark.slow  # 16 MB of text tokenized twice: about 20 s on two shared cores
+def test_a_text_worker_never_holds_a_parts_entries_and_its_tar_together(spm, tmp_path):
+    """Parts are spooled to local disk as their entries come and stored from there in blocks: a part of 26 MB
+    costs a worker no more than parts of 1 MiB do, neither its entries, nor its tar, nor its bytes."""
+    corpus = tmp_path / "corpus.txt.zst"
+    write_corpus(corpus, 16)
+    small, large = (build_peak(text_config(corpus, tmp_path / f"out-{size}", spm, shard_bytes=size))
+                    for size in (2**20, 64 * 2**20))
+    part_bytes = (tmp_path / "out-67108864" / "text-000000.tar").stat().st_size
+    print({"1 MiB parts": small, "64 MiB parts": large, "part bytes": part_bytes})
+    assert small["parts"] > 10 and large["parts"] == 1 and large["segments"] == small["segments"]
+    assert part_bytes > 16 * 2**20
+    assert large["peak_above_start"] < small["peak_above_start"] + 8 * 2**20, (small, large)
+
+
 def test_streamed_parts_are_the_parts_of_an_in_memory_build(spm, tmp_path):
     """Stored while reading, or cut by finish_shard from every entry at once: the same files, byte for byte, and
     the same manifest entries; held-out documents go to their own parts either way."""

@@ -12,38 +12,18 @@ import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from timm.layers import PatchEmbed
 from timm.models.beit import Block
 from torch import nn
 
 from .text import TokenizerFileError
+from .visual_config import VisualTokenizerConfig
 
 IGNORED_PREFIXES = ("decoder.", "decode_task_layer.", "loss", "teacher", "scaling")
 """Checkpoint keys the encoder side does not need: the decoder, the distillation teacher and its losses."""
-
-
-class VisualTokenizerConfig(BaseModel):
-    """Which visual tokenizer to build; the VQ-KD defaults are the official ViT-B/16 encoder."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["vqkd", "random"] = "vqkd"
-    checkpoint: str | None = Field(
-        None, description="Official VQ-KD checkpoint (kind: vqkd): a local path; the data pipeline also takes s3://."
-    )
-    seed: int = Field(0, description="Weights of a random-init tokenizer (kind: random, or vqkd without checkpoint).")
-    codebook_size: int = Field(8192, gt=1)
-    code_dim: int = Field(32, gt=0)
-    patch_size: int = Field(16, gt=0)
-    image_size: int = Field(224, gt=0, description="The size the encoder's position table was trained at.")
-    width: int = Field(768, gt=0)
-    depth: int = Field(12, gt=0)
-    heads: int = Field(12, gt=0)
 
 
 @dataclass
