@@ -8,8 +8,16 @@ step), each model and input kind in a fresh process. `--compile` adds our model 
 (`beit3.pretrain.compilation`, what `compile: true` in a recipe does) as columns after the others; its
 compilation happens in the untimed first step of each input kind.
 
+Ours runs text in the layout its device picks (`--text-layout auto`: packed on the CPU, padded elsewhere; see
+`beit3.pretrain.model.packs_text`); name one to time the other. On a machine that other jobs share, wall time
+mostly measures them: `--clock process --threads 1` times the process's own CPU seconds instead (one thread,
+since idle pool threads spin on the clock too). `--count-ops` adds, per model and input kind, the operators
+one step dispatches (a compiled layer's generated kernels are not among them) and those that make a GPU
+wait until the host has read a result (`nonzero`, `item`).
+
     python benchmarks/model_speed.py                       # CPU fp32, base width, 4 layers
     python benchmarks/model_speed.py --compile             # ... and compiled, against eager and torchscale
+    python benchmarks/model_speed.py --compile --clock process --threads 1 --count-ops   # on a shared machine
     python benchmarks/model_speed.py --device cuda --dtype bf16 --config configs/model/giant.yaml \
         --layers 4 --batch 16 --peak-tflops 989             # GPU: adds achieved TFLOP/s and MFU (ours)
 """
@@ -27,7 +35,7 @@ import torch
 
 from beit3.config import load_config
 from beit3.pretrain.compilation import compile_layers
-from beit3.pretrain.model import MultiwayTransformer
+from beit3.pretrain.model import TEXT_LAYOUTS, MultiwayTransformer
 from beit3.pretrain.model_config import ModelConfig
 from beit3.pretrain.model_stats import active_parameters_per_token, training_flops_per_sample
 from beit3.pretrain.released_format import to_released
@@ -36,6 +44,9 @@ from beit3.pretrain.torchscale_reference import build_torchscale
 REPO = Path(__file__).resolve().parent.parent
 
 KINDS = ("image", "text", "pair")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+HOST_SYNC_OPS = ("aten::nonzero", "aten::_local_scalar_dense")
+"""Operators whose result the host reads: on a GPU each waits for the work queued before it."""
 
 
 def parse_args(argv=None):
@@ -51,6 +62,11 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, for model-FLOPs utilisation")
     parser.add_argument("--skip-torchscale", action="store_true", help="time ours alone (e.g. for MFU runs)")
     parser.add_argument("--compile", action="store_true", help="also time ours with compiled layers")
+    parser.add_argument("--text-layout", choices=TEXT_LAYOUTS, default="auto", help="how ours runs padded text")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (shared machines)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument("--count-ops", action="store_true", help="also count operators and host syncs per step")
     parser.add_argument("--memory-worker", choices=["ours", "torchscale"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-kind", choices=KINDS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -62,9 +78,9 @@ def load_benchmark_config(args) -> ModelConfig:
                                      "vl_expert_layers": min(config.vl_expert_layers, args.layers)})
 
 
-def make_models(config: ModelConfig, device: str, with_reference: bool):
+def make_models(config: ModelConfig, device: str, with_reference: bool, text_layout: str = "auto"):
     torch.manual_seed(0)
-    ours = MultiwayTransformer(config).to(device).train()
+    ours = MultiwayTransformer(config, text_layout).to(device).train()
     if not with_reference:
         return ours, None
     released, _ = to_released(ours.state_dict(), config)
@@ -120,13 +136,23 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def timed(step, model, inputs, dtype, device) -> float:
+def timed(step, model, inputs, dtype, device, clock=time.perf_counter) -> float:
     model.zero_grad(set_to_none=True)
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     step(model, inputs, dtype)
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def operator_counts(step, model, inputs, dtype) -> tuple[int, int]:
+    """(operators dispatched, host-sync operators) in one step, from the profiler; after a warm step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step(model, inputs, dtype)
+    model.zero_grad(set_to_none=True)
+    events = profile.key_averages()
+    return (sum(event.count for event in events if event.key.startswith("aten::")),
+            sum(event.count for event in events if event.key in HOST_SYNC_OPS))
 
 
 def saved_activation_bytes(step, model, inputs, dtype) -> int:
@@ -162,7 +188,8 @@ def memory_worker(args):
     """Runs in a fresh process: the peak resident growth of one step of one model on one input kind."""
     config = load_benchmark_config(args)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    ours, reference = make_models(config, args.device, with_reference=args.memory_worker == "torchscale")
+    ours, reference = make_models(config, args.device, with_reference=args.memory_worker == "torchscale",
+                                  text_layout=args.text_layout)
     model, step = (ours, step_ours) if args.memory_worker == "ours" else (reference, step_reference)
     inputs = make_inputs(config, args)[args.memory_kind]
     del ours, reference
@@ -183,16 +210,20 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_worker:
         return memory_worker(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = load_benchmark_config(args)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     compare = not args.skip_torchscale
-    ours, reference = make_models(config, args.device, with_reference=compare)
+    clock = CLOCKS[args.clock]
+    ours, reference = make_models(config, args.device, with_reference=compare, text_layout=args.text_layout)
     compiled = compile_layers(copy.deepcopy(ours)) if args.compile else None
     inputs = make_inputs(config, args)
     print(f"model_speed: {config.name} width ({config.hidden}/{config.ffn_hidden}/{config.heads} heads, "
           f"{config.attention} attention), {config.layers} layers, batch {args.batch} per kind, "
           f"text/caption slots {args.text_len}/{args.caption_len}, {args.device} {args.dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+          f"text layout {args.text_layout}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, median of {args.repeats}")
     active = active_parameters_per_token(config)
     lengths = {"image": config.image_tokens, "text": args.text_len, "pair": config.image_tokens + args.caption_len}
     header = f"{'input':<7}{'ours ms':>10}"
@@ -218,11 +249,11 @@ def main(argv=None):
         if compiled is not None:
             timed(step_ours, compiled, inputs[kind], dtype, args.device)
         for _ in range(args.repeats):
-            times["ours"].append(timed(step_ours, ours, inputs[kind], dtype, args.device))
+            times["ours"].append(timed(step_ours, ours, inputs[kind], dtype, args.device, clock))
             if compare:
-                times["torchscale"].append(timed(step_reference, reference, inputs[kind], dtype, args.device))
+                times["torchscale"].append(timed(step_reference, reference, inputs[kind], dtype, args.device, clock))
             if compiled is not None:
-                times["compiled"].append(timed(step_ours, compiled, inputs[kind], dtype, args.device))
+                times["compiled"].append(timed(step_ours, compiled, inputs[kind], dtype, args.device, clock))
         ours_time = statistics.median(times["ours"])
         row = f"{kind:<7}{ours_time * 1e3:>10.1f}"
         if compare:
@@ -245,6 +276,12 @@ def main(argv=None):
             if args.peak_tflops:
                 row += utilisation(kind, compiled_time)
         print(row)
+        if args.count_ops:
+            counted = {"ours": (step_ours, ours), "torchscale": (step_reference, reference),
+                       "compiled": (step_ours, compiled)}
+            print("  ops per step (all / host syncs): " + ", ".join(
+                f"{name} {'/'.join(map(str, operator_counts(step, model, inputs[kind], dtype)))}"
+                for name, (step, model) in counted.items() if model is not None))
 
 
 if __name__ == "__main__":

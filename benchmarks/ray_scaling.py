@@ -14,7 +14,7 @@ the two clusters take turns and each figure is the median.
 The ratio only means something on a machine with a core per node to spare, plus some for the driver and Ray's own
 processes: the load average before and after each run is printed with it.
 
-    python benchmarks/ray_scaling.py [--images 2000] [--samples-per-shard 50] [--nodes 2] [--repeats 1] [--work DIR]
+    python benchmarks/ray_scaling.py [--images 4000] [--samples-per-shard 250] [--nodes 2] [--repeats 2] [--work DIR]
 """
 
 import argparse
@@ -118,10 +118,11 @@ def manifest_shards(output: Path) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--samples-per-shard", type=int, default=50)
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--samples-per-shard", type=int, default=250,
+                        help="per-shard work must outweigh the driver's per-shard cost")
     parser.add_argument("--nodes", type=int, default=2, help="nodes of the larger cluster (the other has one)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, help="keeps the generated images between runs (default: a temp dir)")
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)

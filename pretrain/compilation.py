@@ -4,9 +4,10 @@ lets activation checkpointing wrap a compiled layer, and leaves parameter names 
 
 Every layer runs the same code, so all layers share one cache of compiled graphs (module parameters are graph
 inputs, not constants). A new graph is made only for a new kind of call: which modalities (image, text, pair),
-whether the text carries pads, whether the layer drops paths (the first never does) or has a vision-language
-expert, grad mode; and, once per kind, when a sequence length first changes, the graph is remade with that
-length symbolic (automatic dynamic shapes), so later text lengths reuse it. `RECOMPILE_LIMIT` bounds the count.
+whether the text comes with a padding mask and in which layout (packed or padded), whether the layer drops
+paths (the first never does) or has a vision-language expert, grad mode; and, once per kind, when a sequence
+length first changes, the graph is remade with that length symbolic (automatic dynamic shapes), so later text
+lengths reuse it. `RECOMPILE_LIMIT` bounds the count.
 """
 
 import torch

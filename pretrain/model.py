@@ -7,8 +7,9 @@ file formats are applied from outside; this module only knows tensors and its `M
 The residual stream is kept as a list of contiguous per-modality segments (image tokens, then text tokens).
 Each sub-block picks its weights per segment once, so no tensor is split and re-joined around every linear
 layer; the only join is the q/k/v concatenation that the joint softmax over the whole sequence needs.
-Padded text is carried unpadded (only real tokens, [tokens, hidden]) through every per-token operation and
-laid back on the padded grid only for attention, so pads cost no projection or FFN work.
+How padded text is carried is a per-device choice (`TEXT_LAYOUTS`, `packs_text`): on the CPU unpadded (only
+real tokens, [tokens, hidden]) through every per-token operation and laid back on the padded grid only for
+attention, so pads cost no projection or FFN work; on an accelerator padded, at the fixed shape of the batch.
 """
 
 import math
@@ -29,6 +30,25 @@ VISION_LANGUAGE = "vl"
 
 FIRST_POSITION = 2
 """Position tables start at row 2, a fairseq convention kept by the released checkpoints."""
+
+TEXT_LAYOUTS = ("auto", "packed", "padded")
+"""How padded text runs through the layers: `packed` drops the pads from every per-token operation, `padded`
+keeps the [batch, slots] grid and only masks pads out of attention as keys; `auto` picks by device
+(`packs_text`). Both give the same outputs at real tokens and the same gradients."""
+
+
+def packs_text(layout: str, device: torch.device) -> bool:
+    """Whether text on `device` runs packed under `layout`; `auto` packs on the CPU only.
+
+    A CPU step is bound by its matrix products (three quarters of a base-width text step), so the pads' share
+    of them is time saved, for one gather and scatter around each attention. A GPU step of short texts is
+    bound by kernel launches and host work instead (an H200 takes the same time for 16 and 32 texts): there
+    the pads' extra products are nearly free, while packing costs a device-to-host sync per batch (its token
+    count sizes the packed tensors), index kernels around every attention, and a new packed length on every
+    batch, which compiled layers must serve with shape-generic kernels; the padded grid changes shape only
+    with its slots, so texts padded to fixed slots run at one shape, which CUDA graphs can also replay.
+    """
+    return layout == "packed" or (layout == "auto" and device.type == "cpu")
 
 
 class MultiwayOutput(NamedTuple):
@@ -191,11 +211,17 @@ class VisionEmbedding(nn.Module):
 
 
 class MultiwayTransformer(nn.Module):
-    """BEiT-3 with its two masked-prediction heads (MLM over text ids, MIM over visual codes)."""
+    """BEiT-3 with its two masked-prediction heads (MLM over text ids, MIM over visual codes).
 
-    def __init__(self, config: ModelConfig):
+    `text_layout` (one of `TEXT_LAYOUTS`) chooses how padded text runs; it changes speed, not results.
+    """
+
+    def __init__(self, config: ModelConfig, text_layout: str = "auto"):
         super().__init__()
+        if text_layout not in TEXT_LAYOUTS:
+            raise ValueError(f"text_layout {text_layout!r} is not one of {', '.join(TEXT_LAYOUTS)}")
         self.config = config
+        self.text_layout = text_layout
         d = config.hidden
         self.text_embed = nn.Embedding(config.vocab_size, d)
         self.vision_embed = VisionEmbedding(config)
@@ -279,6 +305,7 @@ class MultiwayTransformer(nn.Module):
 
         image: [B, C, H, W] float; text: [B, T] ids; text_padding_mask: [B, T] bool, True on pads;
         image_mask: [B, num_patches] bool, True where the patch is replaced by the mask token.
+        Each text needs at least one real token (tokenized texts carry bos and eos).
         """
         if image is None and text is None:
             raise ValueError("encode() needs an image batch, a text batch, or both")
@@ -291,13 +318,14 @@ class MultiwayTransformer(nn.Module):
             segments.append(self._embed_text(text))
             modalities.append(TEXT)
         key_mask, packing = None, None
-        if text is not None and text_padding_mask is not None and text_padding_mask.any():
+        if text is not None and text_padding_mask is not None:
             keep = ~text_padding_mask
             if image is not None:
                 keep = torch.cat([keep.new_ones(keep.shape[0], segments[0].shape[1]), keep], dim=1)
             key_mask = keep[:, None, None, :]
-            packing = TextPacking.from_padding_mask(text_padding_mask)
-            segments[-1] = packing.pack(segments[-1])
+            if packs_text(self.text_layout, text.device):
+                packing = TextPacking.from_padding_mask(text_padding_mask)
+                segments[-1] = packing.pack(segments[-1])
         every = self.config.checkpoint_every_n_layers
         for index, layer in enumerate(self.layers):
             if every and self.training and index % every == 0:
@@ -307,6 +335,8 @@ class MultiwayTransformer(nn.Module):
         outputs = {m: self.final_norm[m](x) for m, x in zip(modalities, segments)}
         if packing is not None:
             outputs[TEXT] = packing.unpack(outputs[TEXT])
+        elif key_mask is not None:
+            outputs[TEXT] = outputs[TEXT].masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
         return MultiwayOutput(vision=outputs.get(VISION), text=outputs.get(TEXT))
 
     def forward(

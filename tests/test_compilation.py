@@ -27,7 +27,7 @@ vision-language expert."""
 TEXT_LENGTHS = [20, 17, 33, 9, 40, 25, 12, 31]
 WARM_UP_STEPS = 3
 """Step 1 compiles each kind of call; steps 2 and 3 remake the text and pair graphs with symbolic lengths (the
-packed token count changes at step 2, the padded length may first repeat its size class then)."""
+packed token count or the padded length changes at step 2, and may first repeat its size class then)."""
 GRAPH_BOUND = 16
 
 
@@ -65,13 +65,14 @@ def training_step(model, micro: dict[str, dict]) -> torch.Tensor:
     return loss.detach()
 
 
-def test_graphs_stay_bounded_over_many_text_lengths():
+@pytest.mark.parametrize("text_layout", ["packed", "padded"])
+def test_graphs_stay_bounded_over_many_text_lengths(text_layout):
     """Training steps (drop path, checkpointing every layer) over 8 text lengths: every graph is made in the
     first steps and none later; the count stays within the bound and under the recompile limit, where the
     compiler's default of 8 would already have given up and run layers eagerly."""
     config = model_config("tiny", **SMALL, drop_path=0.1, checkpoint_every_n_layers=1)
     torch.manual_seed(0)
-    model = MultiwayTransformer(config).train()
+    model = MultiwayTransformer(config, text_layout).train()
     counter = CompileCounterWithBackend("eager")
     compile_layers(model, backend=counter)
     generator = torch.Generator().manual_seed(0)
@@ -84,12 +85,12 @@ def test_graphs_stay_bounded_over_many_text_lengths():
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
 
 
-def compare_with_eager(backend: str, steps: int = 2) -> tuple[float, float]:
+def compare_with_eager(backend: str, text_layout: str, steps: int = 2) -> tuple[float, float]:
     """Largest loss and gradient differences between the eager model and its compiled copy, same weights and
     batches (fp32, no drop path: compiled random draws differ from eager ones)."""
     config = model_config("tiny", **SMALL, drop_path=0.0)
     torch.manual_seed(0)
-    eager = MultiwayTransformer(config).train()
+    eager = MultiwayTransformer(config, text_layout).train()
     compiled = compile_layers(copy.deepcopy(eager), backend=backend)
     generator = torch.Generator().manual_seed(1)
     loss_difference = gradient_difference = 0.0
@@ -106,16 +107,18 @@ def compare_with_eager(backend: str, steps: int = 2) -> tuple[float, float]:
 
 
 @pytest.mark.slow  # forward and backward graphs traced for every kind of call
-def test_traced_layers_give_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("text_layout", ["packed", "padded"])
+def test_traced_layers_give_the_eager_loss_and_gradients(text_layout):
     """What the compiler captures (forward and backward graphs, no code generation) computes what eager does."""
-    loss_difference, gradient_difference = compare_with_eager("aot_eager")
+    loss_difference, gradient_difference = compare_with_eager("aot_eager", text_layout)
     assert loss_difference < 1e-6 and gradient_difference < 1e-6
 
 
 @pytest.mark.slow  # inductor generates and builds C++ for every graph
-def test_inductor_layers_give_the_eager_loss_and_gradients_within_fp32_rounding(tmp_path, monkeypatch):
+@pytest.mark.parametrize("text_layout", ["packed", "padded"])
+def test_inductor_layers_give_the_eager_loss_and_gradients_within_fp32_rounding(tmp_path, monkeypatch, text_layout):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing a killed run left behind
-    loss_difference, gradient_difference = compare_with_eager("inductor")
+    loss_difference, gradient_difference = compare_with_eager("inductor", text_layout)
     assert loss_difference < 1e-5 and gradient_difference < 1e-5
 
 

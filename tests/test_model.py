@@ -1,11 +1,13 @@
-"""Behaviour of the Multiway Transformer: routing, masking, padding, heads, init, precision, checkpointing."""
+"""Behaviour of the Multiway Transformer: routing, masking, padding, text layouts, heads, init, precision,
+checkpointing."""
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from beit3.pretrain.model import MultiwayTransformer, TextPacking, drop_path_scale
+from beit3.pretrain.model import MultiwayTransformer, TextPacking, drop_path_scale, packs_text
 from beit3.pretrain.model_stats import build_on_meta
 
 from conftest import model_config
@@ -24,9 +26,9 @@ def inputs(config, batch=2, text_len=10, seed=0):
     return image, text, padding
 
 
-def build(config, seed=0):
+def build(config, seed=0, text_layout="auto"):
     torch.manual_seed(seed)
-    return MultiwayTransformer(config).eval()
+    return MultiwayTransformer(config, text_layout).eval()
 
 
 def test_output_shapes_for_each_input_kind():
@@ -70,9 +72,10 @@ def test_masked_patches_are_replaced_by_the_mask_token():
     assert torch.equal(model.vision_embed(other, mask)[:, 4], embedded[:, 4])
 
 
-def test_padding_does_not_change_real_tokens():
+@pytest.mark.parametrize("text_layout", ["packed", "padded"])
+def test_padding_does_not_change_real_tokens(text_layout):
     config = tiny()
-    model = build(config)
+    model = build(config, text_layout=text_layout)
     image, text, _ = inputs(config, batch=1, text_len=6)
     padded = torch.cat([text, torch.full((1, 4), 1)], dim=1)
     padding = torch.zeros(1, 10, dtype=torch.bool)
@@ -226,12 +229,75 @@ def test_text_packing_round_trips_and_keeps_only_real_tokens():
     assert packing.unpack(packed).flatten().tolist() == [0.0, 1.0, 0.0, 3.0, 0.0, 0.0]
 
 
-def test_pads_cost_no_per_token_work():
+def test_pads_cost_no_per_token_work_when_packed():
     """The FFN sees only the real text tokens: pads are dropped before every per-token operation."""
     config = tiny()
-    model = build(config)
+    model = build(config, text_layout="packed")
     _, text, padding = inputs(config)
     seen = []
     model.layers[0].ffn["text"].fc1.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
     model.encode(text=text, text_padding_mask=padding)
     assert seen == [torch.Size([int((~padding).sum()), config.hidden])]
+
+
+def test_the_cpu_packs_text_and_accelerators_keep_it_padded():
+    assert packs_text("auto", torch.device("cpu")) and not packs_text("auto", torch.device("cuda"))
+    assert packs_text("packed", torch.device("cuda")) and not packs_text("padded", torch.device("cpu"))
+    with pytest.raises(ValueError, match="text_layout 'unpadded' is not one of auto, packed, padded"):
+        MultiwayTransformer(tiny(), text_layout="unpadded")
+
+
+@pytest.mark.parametrize("attention", ["shared", "decoupled"])
+def test_text_layouts_give_the_same_outputs_and_gradients(attention):
+    """Packed and padded text: the same outputs (zeros at pads) and gradients, texts and pairs, paths dropped."""
+    config = tiny(attention=attention, drop_path=0.3)
+    image, text, padding = inputs(config, batch=3, text_len=12)
+    padding[1, 4:] = True
+    results = {}
+    for layout in ("packed", "padded"):
+        model = build(config, text_layout=layout).train()
+        for kind, arguments in {"text": dict(text=text, text_padding_mask=padding),
+                                "pair": dict(image=image, text=text, text_padding_mask=padding)}.items():
+            torch.manual_seed(7)
+            out = model.encode(**arguments)
+            sum(x.square().mean() for x in out if x is not None).backward()
+            gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+            results[layout, kind] = (out, gradients)
+            model.zero_grad(set_to_none=True)
+    for kind in ("text", "pair"):
+        (packed, packed_gradients), (padded, padded_gradients) = results["packed", kind], results["padded", kind]
+        assert torch.all(padded.text[padding] == 0), kind
+        torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-6)
+        assert padded_gradients.keys() == packed_gradients.keys()
+        torch.testing.assert_close(padded_gradients, packed_gradients, rtol=1e-5, atol=1e-7)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operators that read a tensor's values back to the host (on a GPU, each waits for it): the
+    reads themselves, and indexing by a boolean mask, whose result size the host must learn."""
+
+    READS = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default}
+    INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS or (
+            func in self.INDEXING and any(index is not None and index.dtype == torch.bool for index in args[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_padded_text_reads_nothing_back_to_the_host():
+    """Padded, an encoding step (forward and backward) never waits for the device; packed reads the token count."""
+    config = tiny(drop_path=0.1)
+    image, text, padding = inputs(config)
+    for layout, expected in (("padded", 0), ("packed", 1)):
+        model = build(config, text_layout=layout).train()
+        for arguments in (dict(text=text, text_padding_mask=padding),
+                          dict(image=image, text=text, text_padding_mask=padding)):
+            with HostReads() as reads:
+                out = model.encode(**arguments)
+                sum(x.square().mean() for x in out if x is not None).backward()
+            assert reads.count == expected, (layout, sorted(arguments))

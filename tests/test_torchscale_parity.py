@@ -1,4 +1,5 @@
-"""Our model against torchscale 0.3.0's `BEiT3`, the package the released checkpoints were built with."""
+"""Our model against torchscale 0.3.0's `BEiT3`, the package the released checkpoints were built with, in
+both text layouts."""
 
 import pytest
 import torch
@@ -65,9 +66,10 @@ def config(request):
     return model_config("base", drop_path=0.0)
 
 
-def test_our_weights_in_torchscale_give_the_same_outputs(config):
+@pytest.mark.parametrize("text_layout", ["packed", "padded"])
+def test_our_weights_in_torchscale_give_the_same_outputs(config, text_layout):
     torch.manual_seed(1)
-    ours = MultiwayTransformer(config).eval()
+    ours = MultiwayTransformer(config, text_layout).eval()
     released, report = to_released(ours.state_dict(), config)
     assert report.extra_keys == [] and report.notes == []
     reference = build_torchscale(config).eval()
@@ -75,14 +77,15 @@ def test_our_weights_in_torchscale_give_the_same_outputs(config):
     assert_same_outputs(ours, reference, config)
 
 
-def test_torchscale_weights_in_ours_give_the_same_outputs(config):
+@pytest.mark.parametrize("text_layout", ["packed", "padded"])
+def test_torchscale_weights_in_ours_give_the_same_outputs(config, text_layout):
     torch.manual_seed(2)
     reference = build_torchscale(config).eval()
     released = {f"beit3.{k}": v for k, v in reference.state_dict().items()}
     converted, report = from_released(released, config)
     assert report.extra_keys == []
     assert sorted(report.missing_keys) == ["mim_head.bias", "mim_head.weight", "mlm_head.bias", "mlm_head.weight"]
-    ours = MultiwayTransformer(config).eval()
+    ours = MultiwayTransformer(config, text_layout).eval()
     missing, unexpected = ours.load_state_dict(converted, strict=False)
     assert sorted(missing) == sorted(report.missing_keys) and unexpected == []
     assert_same_outputs(ours, reference, config)
