@@ -115,10 +115,11 @@ def test_traced_layers_give_the_eager_loss_and_gradients(text_layout):
 
 
 @pytest.mark.slow  # inductor generates and builds C++ for every graph
-@pytest.mark.parametrize("text_layout", ["packed", "padded"])
-def test_inductor_layers_give_the_eager_loss_and_gradients_within_fp32_rounding(tmp_path, monkeypatch, text_layout):
+def test_inductor_layers_give_the_eager_loss_and_gradients_within_fp32_rounding(tmp_path, monkeypatch):
+    """The CPU's own layout; the padded one is traced by the aot_eager test above (its inductor kernels differ
+    on a GPU anyway, and a second C++ build costs the suite a minute and a half)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # nothing a killed run left behind
-    loss_difference, gradient_difference = compare_with_eager("inductor", text_layout)
+    loss_difference, gradient_difference = compare_with_eager("inductor", "packed")
     assert loss_difference < 1e-5 and gradient_difference < 1e-5
 
 
