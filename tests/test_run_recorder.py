@@ -17,6 +17,13 @@ DS_CONFIG = {"zero_optimization": {"stage": 1}}
 EVALUATION = {"val/loss": 27.5, "val/loss/image": 6.9, "val/seconds": 1.5}
 
 
+@pytest.fixture(autouse=True)
+def no_exported_tracking_uri(tmp_path, monkeypatch):
+    """MLflow exports the sink's URI to this process's environment, where later tests' training processes would
+    inherit it: set here (the recipes' own URI), so that it is undone after each test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
 def step_metrics(step: int) -> dict[str, float]:
     return {"lr": 1e-3, "step_seconds": 0.5, "loss": 28.0 - step}
 
