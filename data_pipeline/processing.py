@@ -857,8 +857,7 @@ class _StreamedParts:
     """A text stream's tar entries written as the consecutive parts `finish_shard` would cut: a part is closed
     before the next entry would take it past `shard_bytes`. Entries go to a local spool file as they come (hashed
     on the way), which is uploaded when its part closes: a worker holds a chunk of entries, never a part's entries
-    and its tar, so `shard_bytes` costs local disk. (Storing in a local folder still reads the part whole; S3
-    uploads stream from the file.)"""
+    and its tar, so `shard_bytes` costs local disk (`Storage.upload_atomic` copies or streams from the file)."""
 
     def __init__(self, plan: ShardPlan, config: DataConfig, held_out: bool, storage: Storage):
         self.plan, self.storage, self.max_bytes = plan, storage, config.shard_bytes
