@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 from collections import Counter
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,7 +73,8 @@ class DataContract(BaseModel):
 
 
 def _file_sha256(url: str) -> str:
-    return hashlib.sha256(Path(local_copy(url)).read_bytes()).hexdigest()
+    with open(local_copy(url), "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _visual_tokenizer_record(config: DataConfig) -> VisualTokenizerRecord | None:

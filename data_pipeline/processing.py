@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import lzma
+import os
 import re
 import sys
 import tarfile
@@ -791,10 +792,18 @@ class SegmentPacker:
         return pack_documents(self.ids, self.lengths, self.text_len)
 
 
-@functools.lru_cache(maxsize=4)
 def load_text_tokenizer(url: str) -> TextTokenizer:
-    """The SentencePiece model at a local path or s3:// URL, loaded once per worker process."""
-    return TextTokenizer(local_copy(url), num_threads=1)  # a Ray task is one core
+    """The SentencePiece model at a local path or s3:// URL, loaded once per worker process and version of the
+    file: a worker that outlives one build (a Ray instance kept between builds) never tokenizes with a model
+    retrained since."""
+    path = local_copy(url)
+    status = os.stat(path)
+    return _tokenizer_at(path, status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_at(path: str, modified_ns: int, size: int) -> TextTokenizer:
+    return TextTokenizer(path, num_threads=1)  # a Ray task is one core
 
 
 def prepare_text(plan: ShardPlan, config: DataConfig, storage: Storage | None = None) -> ShardWork:

@@ -16,6 +16,7 @@ own errors. `check_readable` and `check_writable` find those in seconds, before 
 """
 
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 
 MULTIPART_THRESHOLD = 64 * 2**20
 """Objects larger than this are uploaded in parts of this size (S3 allows at most 10,000 parts)."""
+COPY_BLOCK_BYTES = 1 << 20
+"""Files are copied in blocks of this size, so a copy's memory does not grow with the file."""
 
 
 class StorageError(OSError):
@@ -171,7 +174,7 @@ class LocalStorage:
         """Copied in 1 MiB blocks, so that a large part never sits in memory."""
         def copy(handle: BinaryIO) -> None:
             with open(local_path, "rb") as source:
-                shutil.copyfileobj(source, handle, 1 << 20)
+                shutil.copyfileobj(source, handle, COPY_BLOCK_BYTES)
 
         self._replace_atomically(name, copy)
 
@@ -277,6 +280,22 @@ class S3Storage:
         except (ClientError, BotoCoreError) as error:
             raise self._failure(error, name) from None
 
+    def etag(self, name: str) -> str:
+        """The object's entity tag, which changes whenever the object is replaced."""
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ETag"].strip('"')
+        except (ClientError, BotoCoreError) as error:
+            raise self._failure(error, name) from None
+
+    def download(self, name: str, handle: BinaryIO) -> str:
+        """Copy the object into `handle` block by block; returns the entity tag of the version copied."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            shutil.copyfileobj(response["Body"], handle, COPY_BLOCK_BYTES)
+            return response["ETag"].strip('"')
+        except (ClientError, BotoCoreError) as error:
+            raise self._failure(error, name) from None
+
     def write_atomic(self, name: str, data: bytes) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
@@ -368,13 +387,36 @@ def check_usable(setting: str, url: str, use: Literal["read_file", "read_folder"
         raise type(error)(f"{setting}: {error}") from None
 
 
-@functools.lru_cache(maxsize=8)
+def cache_folder() -> Path:
+    """Where copies of S3 objects are kept: `BEIT3_CACHE_DIR`, else `beit3` under the user's cache folder."""
+    if configured := os.environ.get("BEIT3_CACHE_DIR"):
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "beit3"
+
+
+def _cached_path(url: str, etag: str) -> Path:
+    digest = hashlib.sha256(f"{url}\0{etag}".encode()).hexdigest()[:32]
+    return cache_folder() / "s3" / f"{digest}-{url.rpartition('/')[2][-100:]}"
+
+
 def local_copy(url: str) -> str:
-    """A local path for a file given as a local path or an s3:// URL (fetched once per process), for readers
-    that only open paths (SentencePiece, checkpoint loaders)."""
+    """A local path for a file given as a local path or an s3:// URL, for readers that only open paths
+    (SentencePiece, checkpoint loaders). An object is fetched once per version (its entity tag) into a cache
+    folder that every process of the machine shares: a tokenizer retrained to the same URL is fetched again, and
+    a machine's workers keep one copy between them, not one each. Old versions stay there until removed."""
     if not url.startswith("s3://"):
         return url
     root, _, name = url.rpartition("/")
-    with tempfile.NamedTemporaryFile(suffix=f"-{name}", delete=False) as handle:
-        handle.write(open_storage(root).read_bytes(name))
-    return handle.name
+    storage = open_storage(root)
+    cached = _cached_path(url, storage.etag(name))
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cached.parent, prefix=".partial-", delete=False) as handle:
+            try:
+                etag = storage.download(name, handle)
+            except BaseException:
+                os.unlink(handle.name)
+                raise
+        cached = _cached_path(url, etag)  # the version fetched, should the object have been replaced meanwhile
+        os.replace(handle.name, cached)
+    return str(cached)

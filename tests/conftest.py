@@ -35,6 +35,16 @@ def model_config(name: str, **overrides) -> ModelConfig:
     return loaded.model_copy(update=overrides) if overrides else loaded
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory) -> Path:
+    """Copies of S3 objects go to a folder of the session's, not the user's cache (processes the tests start
+    inherit it)."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BEIT3_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def small_decoupled() -> ModelConfig:
     """The released (decoupled) layout at a size that runs in milliseconds."""

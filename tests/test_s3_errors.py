@@ -16,9 +16,9 @@ from beit3.cli import main
 from beit3.data_pipeline.config import DataConfig
 from beit3.data_pipeline.job import storage_failure
 from beit3.data_pipeline.manifest import Manifest, ManifestMismatch, content_digest, load_or_start
-from beit3.data_pipeline.processing import load_text_tokenizer, prepare_text
+from beit3.data_pipeline.processing import prepare_text
 from beit3.data_pipeline.sources import plan_shards
-from beit3.data_pipeline.storage import MissingObject, StoreUnusable, open_storage
+from beit3.data_pipeline.storage import MissingObject, StoreUnusable, local_copy, open_storage
 from beit3.sample_data import sample_data_config, stdlib_documents, tiny_recipe, write_sample_corpora
 from beit3.tokenizers.text_training import train_text_tokenizer
 from s3_endpoint import free_port, moto_endpoint, point_boto3_at
@@ -135,7 +135,8 @@ def test_a_store_that_fails_mid_job_stops_the_shard_instead_of_skipping_its_inpu
     config = DataConfig.model_validate(yaml.safe_load(open(data_config(corpora, stocked_bucket, tmp_path,
                                                                       sources=sources, visual_tokenizer=None))))
     plan = next(plan for plan in plan_shards(config) if plan.kind == "text")
-    load_text_tokenizer(config.text_tokenizer)  # fetched before the store goes bad, as a running worker has it
+    # The tokenizer from its local copy, so that the first request to the bad store is for the input itself.
+    config = config.model_copy(update={"text_tokenizer": local_copy(config.text_tokenizer)})
     point_boto3_at(monkeypatch, guarded_endpoint)
     open_storage.cache_clear()
     try:

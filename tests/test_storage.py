@@ -1,8 +1,13 @@
 """Local and S3 storage behave alike: atomic writes, listing, reads, clear errors (S3 on a loopback endpoint)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from beit3.data_pipeline.storage import LocalStorage, S3Storage, StorageError, open_storage
+from conftest import REPO
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -82,11 +87,28 @@ def test_ranges_and_sizes(storage):
         storage.size("absent.txt")
 
 
-def test_local_copy_fetches_s3_files_once(s3_bucket, tmp_path):
+def test_local_copy_fetches_each_version_of_an_s3_object_once_for_every_process(s3_bucket, tmp_path,
+                                                                               monkeypatch):
+    """One copy per version in the shared cache folder: a second process reuses it, and a replaced object (a
+    tokenizer retrained to the same URL) is fetched again rather than served stale."""
     from beit3.data_pipeline.storage import local_copy
 
+    monkeypatch.setenv("BEIT3_CACHE_DIR", str(tmp_path / "cache"))
+    url = f"s3://{s3_bucket}/tokenizers/vqkd.pth"
     storage = open_storage(f"s3://{s3_bucket}/tokenizers")
     storage.write_atomic("vqkd.pth", b"weights")
-    path = local_copy(f"s3://{s3_bucket}/tokenizers/vqkd.pth")
-    assert open(path, "rb").read() == b"weights" and path == local_copy(f"s3://{s3_bucket}/tokenizers/vqkd.pth")
+    path = local_copy(url)
+    assert open(path, "rb").read() == b"weights" and path == local_copy(url)
+    fetched = os.stat(path)
+    other_process = subprocess.run([sys.executable, "-c", "import sys; from beit3.data_pipeline.storage import "
+                                    "local_copy; print(local_copy(sys.argv[1]))", url],
+                                   capture_output=True, text=True, check=True, cwd=REPO)
+    assert other_process.stdout.strip() == path and os.stat(path).st_ino == fetched.st_ino  # not fetched again
+    storage.write_atomic("vqkd.pth", b"retrained weights")
+    retrained = local_copy(url)
+    assert retrained != path and open(retrained, "rb").read() == b"retrained weights"
+    assert open(path, "rb").read() == b"weights"  # a reader of the old version is not cut short
+    assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "s3").iterdir()) == ["vqkd.pth"] * 2
     assert local_copy(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth")
+
+

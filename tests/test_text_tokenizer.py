@@ -93,6 +93,22 @@ def test_padding_and_decode(trained):
         tokenizer.pad([[0, 5, 6, 7, 2]], length=3)
 
 
+def test_pipeline_workers_load_a_model_retrained_at_the_same_path_anew(trained, tmp_path):
+    """A Ray worker kept between two builds must not tokenize the second with the model of the first."""
+    from beit3.data_pipeline.processing import load_text_tokenizer
+
+    path = tmp_path / "beit3.model"
+    shutil.copy(trained[0].model_path, path)
+    first = load_text_tokenizer(str(path))
+    assert load_text_tokenizer(str(path)) is first
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("\n".join(CORPUS[::-1] * 30) + "\n", encoding="utf-8")
+    retrained = train_text_tokenizer([corpus], tmp_path / "other", vocab_size=160, num_threads=1)
+    shutil.copy(retrained.model_path, path)
+    again = load_text_tokenizer(str(path))
+    assert again is not first and again.vocab_size == retrained.vocab_size != first.vocab_size
+
+
 def test_corpus_formats_jsonl_gz_zst(tmp_path):
     (tmp_path / "a.txt").write_text("one\n\n two \n", encoding="utf-8")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as handle:
