@@ -797,12 +797,16 @@ def load_text_tokenizer(url: str) -> TextTokenizer:
     file: a worker that outlives one build (a Ray instance kept between builds) never tokenizes with a model
     retrained since."""
     path = local_copy(url)
-    status = os.stat(path)
-    return _tokenizer_at(path, status.st_mtime_ns, status.st_size)
+    try:
+        status = os.stat(path)
+        version = (status.st_mtime_ns, status.st_size)
+    except OSError:
+        version = None  # no file: TextTokenizer's own error names it
+    return _tokenizer_at(path, version)
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_at(path: str, modified_ns: int, size: int) -> TextTokenizer:
+def _tokenizer_at(path: str, version: tuple[int, int] | None) -> TextTokenizer:
     return TextTokenizer(path, num_threads=1)  # a Ray task is one core
 
 
