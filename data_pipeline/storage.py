@@ -274,18 +274,19 @@ class S3Storage:
         except BotoCoreError as error:
             raise self._failure(error, name) from None
 
-    def size(self, name: str) -> int:
+    def _head(self, name: str) -> dict:
+        """The object's metadata (HEAD), a storage failure named after the object."""
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"]
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
         except (ClientError, BotoCoreError) as error:
             raise self._failure(error, name) from None
 
+    def size(self, name: str) -> int:
+        return self._head(name)["ContentLength"]
+
     def etag(self, name: str) -> str:
         """The object's entity tag, which changes whenever the object is replaced."""
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ETag"].strip('"')
-        except (ClientError, BotoCoreError) as error:
-            raise self._failure(error, name) from None
+        return self._head(name)["ETag"].strip('"')
 
     def download(self, name: str, handle: BinaryIO) -> str:
         """Copy the object into `handle` block by block; returns the entity tag of the version copied."""
@@ -323,13 +324,10 @@ class S3Storage:
 
     def exists(self, name: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            self._head(name)
             return True
-        except (ClientError, BotoCoreError) as error:
-            failure = self._failure(error, name)
-            if isinstance(failure, MissingObject):
-                return False
-            raise failure from None
+        except MissingObject:
+            return False
 
     def url(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
