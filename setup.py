@@ -49,5 +49,5 @@ setup(
             "moto[server]>=5",
         ],
     },
-    entry_points={"console_scripts": ["beit3 = beit3.cli:main"]},
+    entry_points={"console_scripts": ["beit3 = beit3.cli:run"]},
 )

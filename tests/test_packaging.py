@@ -1,5 +1,6 @@
 """Installation layout: one `beit3` namespace that shadows nothing, and the `beit3` command."""
 
+import gc
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from beit3 import cli
 from conftest import REPO
 
 PACKAGE_FOLDERS = ["beit3", "pretrain", "tokenizers", "data_pipeline", "launch"]
@@ -70,3 +72,19 @@ def test_model_info_rejects_a_bad_config_with_the_field_named(tmp_path):
     assert result.returncode == 2
     assert "bad.yaml" in result.stderr and "hidden (128) must be divisible by heads (3)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_command_freezes_the_heap_for_its_exit_and_main_leaves_it_alone(monkeypatch, capsys):
+    """The executable skips the interpreter's final collection; code that calls `main` (tests among it) keeps a
+    collector that still frees what it drops."""
+    arguments = ["model-info", "--config", str(REPO / "configs/model/tiny.yaml")]
+    before = gc.get_freeze_count()
+    assert cli.main(arguments) == 0 and gc.get_freeze_count() == before
+    monkeypatch.setattr(sys, "argv", ["beit3", *arguments])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == 0 and gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
+    assert "parameters" in capsys.readouterr().out
