@@ -7,7 +7,8 @@ inputs, not constants). A new graph is made only for a new kind of call: which m
 whether the text comes with a padding mask and in which layout (packed or padded), whether the layer drops
 paths (the first never does) or has a vision-language expert, grad mode; and, once per kind, when a sequence
 length first changes, the graph is remade with that length symbolic (automatic dynamic shapes), so later text
-lengths reuse it. `RECOMPILE_LIMIT` bounds the count.
+lengths reuse it. `RECOMPILE_LIMIT` bounds the count. Under ZeRO-3, DeepSpeed's parameter hooks on every
+submodule break each layer into many small graphs (see the README); the count still does not grow with depth.
 """
 
 import torch
