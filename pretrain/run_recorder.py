@@ -24,6 +24,22 @@ RUN_STATE = "run.json"
 RUN_FILES = ("config.yaml", "deepspeed.json", RUN_STATE)
 """What the run directory keeps of how the run was set up; each is also an MLflow artifact."""
 METRICS_LOG = "metrics.jsonl"
+TAG_VALUE_LIMIT = 8000
+"""The most characters MLflow keeps in a tag's value."""
+
+
+def changed_settings(saved_config: Path, config: dict) -> list[str]:
+    """`name: before -> after` for each setting that differs from the config the run last started with. Settings
+    the resume fingerprint holds cannot differ here, and `steps` has its own message (`check_steps_change`); the
+    rest (learning rate, loss weights, precision, ZeRO stage, evaluation, logging, checkpoints) may change on a
+    resume, while the MLflow params keep the run's first values."""
+    if not saved_config.exists():
+        return []
+    before = flatten("", yaml.safe_load(saved_config.read_text()) or {})
+    after = flatten("", config)
+    names = list(after) + [name for name in before if name not in after]
+    return [f"{name}: {before.get(name, 'unset')} -> {after.get(name, 'unset')}"
+            for name in names if name != "steps" and before.get(name) != after.get(name)]
 
 
 def recorder_for(rank: int, run_dir: Path) -> "RankRecorder":
@@ -97,9 +113,11 @@ class RunRecorder(RankRecorder):
         """Write the run files (`run.json` only when the run is new: a resume is checked against it), truncate
         the logs to `step`, open (or reopen) the MLflow run and announce the run."""
         super().start(config, ds_config, split, step, resumed_from, run_state, steps_change)
+        dump = config.model_dump(mode="json")
+        changes = changed_settings(self.run_dir / "config.yaml", dump) if resumed_from else []
         if resumed_from is None:
             (self.run_dir / RUN_STATE).write_text(json.dumps(run_state, indent=1))
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
         (self.run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
         truncate_log(self.run_dir / METRICS_LOG, step)
         tags = {"git_commit": _git_commit(), "world_size": str(split.world_size), "zero_stage": str(config.zero.stage),
@@ -107,9 +125,14 @@ class RunRecorder(RankRecorder):
         if steps_change:
             self.say(f"train: {steps_change} (--allow-steps-change): the learning rate now follows the new schedule")
             tags["steps_change"] = steps_change  # the `steps` param keeps the run's first value
+        if changes:
+            tag = f"settings_changed_at_step_{step}"
+            self.say(f"train: settings changed since the run last started, from step {step} on (MLflow tag {tag}): "
+                     + "; ".join(changes))
+            tags[tag] = "; ".join(changes)[:TAG_VALUE_LIMIT]
         tracking = config.mlflow
         self.sink = MlflowSink(self.run_dir, tracking_uri(tracking.tracking_uri, self.run_dir), tracking.experiment,
-                               config.name, flatten("", config.model_dump(mode="json")), tags,
+                               config.name, flatten("", dump), tags,
                                tracking.system_metrics_interval_seconds if tracking.log_system_metrics else None)
         for name in RUN_FILES:
             self.sink.log_artifact(self.run_dir / name)

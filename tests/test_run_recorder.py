@@ -28,10 +28,11 @@ def step_metrics(step: int) -> dict[str, float]:
     return {"lr": 1e-3, "step_seconds": 0.5, "loss": 28.0 - step}
 
 
-def recipe(run_dir) -> PretrainConfig:
+def recipe(run_dir, **overrides) -> PretrainConfig:
     raw = {"name": "recorded", "run_dir": str(run_dir), "model": model_config("tiny").model_dump(),
            "data": {"datasets": ["shards"], "text_tokenizer": "spm.model"},
-           "mlflow": {"tracking_uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}", "log_system_metrics": False}}
+           "mlflow": {"tracking_uri": f"sqlite:///{run_dir.parent / 'mlflow.db'}", "log_system_metrics": False},
+           **overrides}
     return validate_config(PretrainConfig, raw, "recipe")
 
 
@@ -111,6 +112,25 @@ def test_a_resume_truncates_the_logs_to_its_checkpoint_and_keeps_the_first_run_s
     assert "resumed from step-00000004" in capsys.readouterr().out
     history = MlflowClient(config.mlflow.tracking_uri).get_metric_history(resumed.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 5, 6, 6], "steps past the checkpoint logged again"
+
+
+def test_settings_changed_on_resume_are_said_and_tagged_while_the_params_keep_the_first_values(tmp_path, capsys):
+    """Held-out figures measured on other samples, or steps at another learning rate, must show in the review."""
+    run_dir = tmp_path / "run"
+    first = recipe(run_dir)
+    changed = recipe(run_dir, optimizer={"peak_lr": 5e-4}, eval={"samples": 256}, zero={"stage": 2})
+    for config, step, resumed_from in ((first, 0, None), (first, 4, "step-00000004"), (changed, 8, "step-00000008")):
+        recorder = recorder_for(0, run_dir)
+        with recorder.closing_with_status():
+            start(recorder, config, step=step, resumed_from=resumed_from)
+    console = [line for line in capsys.readouterr().out.splitlines() if "settings changed" in line]
+    changes = "optimizer.peak_lr: 0.001 -> 0.0005; zero.stage: 1 -> 2; eval.samples: 1024 -> 256"
+    assert console == ["train: settings changed since the run last started, from step 8 on "
+                       f"(MLflow tag settings_changed_at_step_8): {changes}"], "said once, for the resume that changed"
+    run = MlflowClient(first.mlflow.tracking_uri).get_run(recorder.run_id)
+    assert {name: value for name, value in run.data.tags.items() if name.startswith("settings_changed")} == {
+        "settings_changed_at_step_8": changes}
+    assert (run.data.params["optimizer.peak_lr"], run.data.params["eval.samples"]) == ("0.001", "1024")
 
 
 @pytest.mark.parametrize(("error", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])

@@ -292,7 +292,8 @@ def test_resume_under_another_zero_stage(reference_run, tmp_path, stage):
     recipe = {**reference_run["recipe"], "run_dir": str(run_dir), "zero": {"stage": stage},
               "mlflow": {"tracking_uri": f"sqlite:///{run_dir / 'mlflow.db'}"}}
     (run_dir / "mlflow_run_id").unlink()
-    run_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    output = run_training(write_recipe(tmp_path / "recipe.yaml", recipe), "--resume")
+    assert f"zero.stage: 2 -> {stage}" in output, "a setting changed on resume is said"
     if stage == 3:
         exported = export_checkpoint(run_dir, tmp_path / "export")
         assert verify_export(exported.files[0], run_model_config(run_dir)).passed
