@@ -24,8 +24,6 @@ RUN_STATE = "run.json"
 RUN_FILES = ("config.yaml", "deepspeed.json", RUN_STATE)
 """What the run directory keeps of how the run was set up; each is also an MLflow artifact."""
 METRICS_LOG = "metrics.jsonl"
-TAG_VALUE_LIMIT = 8000
-"""The most characters MLflow keeps in a tag's value."""
 
 
 def changed_settings(saved_config: Path, config: dict) -> list[str]:
@@ -126,10 +124,10 @@ class RunRecorder(RankRecorder):
             self.say(f"train: {steps_change} (--allow-steps-change): the learning rate now follows the new schedule")
             tags["steps_change"] = steps_change  # the `steps` param keeps the run's first value
         if changes:
-            tag = f"settings_changed_at_step_{step}"
+            tag, described = f"settings_changed_at_step_{step}", "; ".join(changes)
             self.say(f"train: settings changed since the run last started, from step {step} on (MLflow tag {tag}): "
-                     + "; ".join(changes))
-            tags[tag] = "; ".join(changes)[:TAG_VALUE_LIMIT]
+                     f"{described}")
+            tags[tag] = described
         tracking = config.mlflow
         self.sink = MlflowSink(self.run_dir, tracking_uri(tracking.tracking_uri, self.run_dir), tracking.experiment,
                                config.name, flatten("", dump), tags,

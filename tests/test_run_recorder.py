@@ -6,6 +6,7 @@ import json
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from beit3.config import validate_config
 from beit3.pretrain.run_recorder import RUN_STATE, recorder_for
@@ -131,6 +132,20 @@ def test_settings_changed_on_resume_are_said_and_tagged_while_the_params_keep_th
     assert {name: value for name, value in run.data.tags.items() if name.startswith("settings_changed")} == {
         "settings_changed_at_step_8": changes}
     assert (run.data.params["optimizer.peak_lr"], run.data.params["eval.samples"]) == ("0.001", "1024")
+
+
+def test_a_change_longer_than_mlflow_keeps_in_a_tag_is_cut_there_and_said_whole(tmp_path, capsys):
+    """MLflow cuts a tag value to its limit when storing it; the start must not fail on a long change."""
+    run_dir = tmp_path / "run"
+    renamed = "r" * 9000
+    for config, step, resumed_from in ((recipe(run_dir), 0, None), (recipe(run_dir, name=renamed), 4, "step-4")):
+        recorder = recorder_for(0, run_dir)
+        with recorder.closing_with_status():
+            start(recorder, config, step=step, resumed_from=resumed_from)
+    assert f"name: recorded -> {renamed}" in capsys.readouterr().out
+    tag = MlflowClient(recipe(run_dir).mlflow.tracking_uri).get_run(recorder.run_id).data.tags[
+        "settings_changed_at_step_4"]
+    assert tag == f"name: recorded -> {renamed}"[:MAX_TAG_VAL_LENGTH]
 
 
 @pytest.mark.parametrize(("error", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
