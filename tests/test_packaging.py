@@ -11,7 +11,7 @@ import pytest
 import tokenizers
 
 from beit3 import cli
-from conftest import REPO
+from conftest import REPO, freeze_imported_heap
 
 PACKAGE_FOLDERS = ["beit3", "pretrain", "tokenizers", "data_pipeline", "launch"]
 
@@ -87,4 +87,5 @@ def test_the_command_freezes_the_heap_for_its_exit_and_main_leaves_it_alone(monk
         assert exited.value.code == 0 and gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+        freeze_imported_heap()  # as the session had it
     assert "parameters" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,16 @@ def first_batch(dataset: str, stream: str, workers: int = 0, **overrides) -> dic
     shards = index_datasets([dataset]).shards[stream]
     micro_batch = sum(ref.samples for ref in shards)
     stream_of_batches = MicroBatchStream(shards, settings(stream, micro_batch, **overrides), rank=0, world_size=1)
-    return next(iter(build_loader(stream_of_batches, workers=workers, prefetch_batches=1)))
+    batches = iter(build_loader(stream_of_batches, workers=workers, prefetch_batches=1))
+    try:
+        return next(batches)
+    except ShardDataError as error:
+        # The loader's frames in the traceback hold it: freed later by the garbage collector, it would wait 5 s
+        # for each worker to stop (its queues already finalised), so it goes now, with the frames' locals.
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        del batches
 
 
 def refusal(dataset: str, stream: str, **overrides) -> str:
