@@ -14,12 +14,23 @@ from s3_endpoint import moto_endpoint, point_boto3_at
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO / "configs" / "model"
 SLOW_FIXTURES = {"training_data", "mlflow_url", "hostile_build", "untrusted_build", "ray_instance",
-                 "ray_through_forwarder"}
-"""Fixtures that build data on Ray or start a server: a test using one is end to end, so it is marked slow
-(`make test-fast` leaves it out), wherever it lives."""
+                 "ray_through_forwarder", "fuzz_report", "bomb_peaks"}
+"""Fixtures that build data on Ray, start a server or measure in a fresh process: a test using one is end to end,
+so it is marked slow (`make test-fast` leaves it out), wherever it lives."""
 SLOW_TESTS = {
-    "test_alias_bombs_are_refused_by_the_command_line_in_one_line_without_expanding",  # a `beit3` process each
-    "test_works_inside_torch_distributed_without_lockstep",  # 2 ranks under torch.distributed
+    # a `beit3` process each, whose imports alone take seconds
+    "test_alias_bombs_are_refused_by_the_command_line_in_one_line_without_expanding",
+    "test_a_bad_recipe_fails_before_the_process_group_forms",
+    "test_model_info_command_prints_the_breakdown",
+    "test_model_info_rejects_a_bad_config_with_the_field_named",
+    "test_tokenizer_info_command_over_a_folder",
+    "test_train_text_command",
+    "test_impossible_vocabulary_is_a_clear_error",
+    # a fresh process measuring its memory
+    "test_an_npy_claiming_5_6_gib_is_refused_from_its_header_with_memory_bounded",
+    "test_tiny_recipe_estimate_matches_the_measured_peak_of_a_training_step",
+    # 2 ranks under torch.distributed
+    "test_works_inside_torch_distributed_without_lockstep",
 }
 """End-to-end tests in modules that are otherwise quick, marked slow by name."""
 
