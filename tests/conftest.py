@@ -53,6 +53,12 @@ def pytest_collection_finish(session):
     freeze_imported_heap()
 
 
+def pytest_unconfigure(config):
+    """The interpreter's exit then finds the heap as it would have without the freeze: a whole-suite run left
+    frozen to the end was killed by SIGSEGV at exit, after every test had passed."""
+    gc.unfreeze()
+
+
 def model_config(name: str, **overrides) -> ModelConfig:
     """A config from configs/model/, with fields overridden for a test."""
     loaded = load_config(ModelConfig, MODEL_CONFIGS / f"{name}.yaml")
