@@ -126,7 +126,7 @@ class RunRecorder(RankRecorder):
         if changes:
             tag, described = f"settings_changed_at_step_{step}", "; ".join(changes)
             self.say(f"train: settings changed since the run last started, from step {step} on (MLflow tag {tag}): "
-                     f"{described}")
+                     + described)
             tags[tag] = described
         tracking = config.mlflow
         self.sink = MlflowSink(self.run_dir, tracking_uri(tracking.tracking_uri, self.run_dir), tracking.experiment,

@@ -131,12 +131,11 @@ def first_batch(dataset: str, stream: str, workers: int = 0, **overrides) -> dic
     try:
         return next(batches)
     except ShardDataError as error:
-        # The loader's frames in the traceback hold it: freed later by the garbage collector, it would wait 5 s
+        # The frames in the traceback hold the loader: freed later by the garbage collector, it would wait 5 s
         # for each worker to stop (its queues already finalised), so it goes now, with the frames' locals.
+        del batches
         traceback.clear_frames(error.__traceback__)
         raise
-    finally:
-        del batches
 
 
 def refusal(dataset: str, stream: str, **overrides) -> str:
