@@ -43,6 +43,8 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
+            "filelock>=3.12",
             "setuptools>=70.1",
             "tokenizers",
             "transformers>=4.40",

@@ -91,12 +91,22 @@ def data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def freeze_imports() -> None:
+    """Leave what the imports made (about a million objects: PyTorch, DeepSpeed, MLflow) out of the garbage
+    collector's full passes. Each pass would walk all of it: DeepSpeed's bf16 optimizer collects six times while
+    it starts (1.8 s on 2 cores), and an automatic full pass in the loop stalls every rank at the next collective.
+    Nothing of it is ever freed: modules live as long as the process."""
+    gc.collect()
+    gc.freeze()
+
+
 def pretrain(args: argparse.Namespace) -> int:
     from beit3.pretrain.train_config import load_pretrain_config
 
     config = load_pretrain_config(args.config)
     from beit3.pretrain.trainer import train as run_training
 
+    freeze_imports()
     if args.run_dir:
         config = config.model_copy(update={"run_dir": args.run_dir})
     try:

@@ -1,11 +1,14 @@
 """Shared fixtures: repository paths and small model configs."""
 
 import gc
+import json
+import os
 import uuid
 from pathlib import Path
 
 import boto3
 import pytest
+from filelock import FileLock
 
 from beit3.config import load_config
 from beit3.pretrain.model_config import ModelConfig
@@ -35,10 +38,27 @@ SLOW_TESTS = {
 """End-to-end tests in modules that are otherwise quick, marked slow by name."""
 
 
+LONGEST_FILES = ["test_train.py", "test_compilation.py", "test_gpu_check.py", "test_pipeline_memory.py",
+                 "test_ray_cluster.py", "test_launch.py", "test_s3_walkthrough.py", "test_data_pipeline.py",
+                 "test_data_pipeline_resume.py", "test_evaluation.py", "test_demo.py"]
+"""The test files that take a minute or more on 2 cores (`--durations`), longest first. `make test` runs the
+files on two pytest-xdist workers in collection order, a file at a time: started first, none of them is left
+running alone at the end while the other worker idles."""
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES.intersection(item.fixturenames) or getattr(item, "originalname", None) in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
+
+    with_slow_tests = {item.path.name for item in items if item.get_closest_marker("slow")}
+
+    def file_order(item) -> tuple[int, bool]:
+        name = item.path.name
+        return (LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES),
+                name not in with_slow_tests)
+
+    items.sort(key=file_order)  # stable: each file's own tests keep their order
 
 
 def freeze_imported_heap() -> None:
@@ -98,10 +118,19 @@ def s3_bucket(monkeypatch, s3_endpoint_url) -> str:
 
 @pytest.fixture(scope="session")
 def training_data(tmp_path_factory) -> dict:
-    """Sample shards made by the real pipeline, with codes that fit the tiny model (built once per session)."""
+    """Sample shards made by the real pipeline, with codes that fit the tiny model: built once per session,
+    and under pytest-xdist once for all its workers (the first to need them builds them; the others wait)."""
     from beit3.sample_data import build_sample_dataset
 
-    return build_sample_dataset(tmp_path_factory.mktemp("training-data"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build_sample_dataset(tmp_path_factory.mktemp("training-data"))
+    shared = tmp_path_factory.getbasetemp().parent  # the session's folder, above each worker's own
+    with FileLock(shared / "training-data.lock"):
+        built = shared / "training-data.json"
+        if not built.exists():
+            data = build_sample_dataset(shared / "training-data")
+            built.write_text(json.dumps({name: str(path) for name, path in data.items()}))
+        return {name: Path(path) for name, path in json.loads(built.read_text()).items()}
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+import yaml
+
 from beit3 import cli
+from beit3.sample_data import tiny_recipe
 from conftest import REPO, freeze_imported_heap
 
 PACKAGE_FOLDERS = ["beit3", "pretrain", "tokenizers", "data_pipeline", "launch"]
@@ -90,3 +93,20 @@ def test_the_command_freezes_the_heap_for_its_exit_and_main_leaves_it_alone(monk
         if before:
             freeze_imported_heap()  # as the session had it
     assert "parameters" in capsys.readouterr().out
+
+
+def test_training_freezes_what_its_imports_made_before_it_starts(tmp_path, capsys):
+    """`beit3 train` leaves its imported heap out of the collector's full passes before the run starts (before
+    preflight, which refuses this recipe: its files are missing)."""
+    recipe = tiny_recipe(tmp_path / "run", {"shards": tmp_path / "no-shards", "spm": tmp_path / "no-spm.model"})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    before = gc.get_freeze_count()
+    gc.unfreeze()
+    try:
+        assert cli.main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 2
+        assert gc.get_freeze_count() > 100_000  # torch alone makes a few hundred thousand objects
+    finally:
+        gc.unfreeze()
+        if before:
+            freeze_imported_heap()
+    assert "no-spm.model: not found" in capsys.readouterr().err
