@@ -59,8 +59,7 @@ def main() -> None:
     collected, frozen = (statistics.median(seconds[mode]) for mode in seconds)
     full_pass, frozen_pass = (statistics.median(passes[mode]) for mode in passes)
     print(f"{objects:,} objects tracked by the collector; median of {args.repeats} processes each")
-    print(f"one full collection: {full_pass:.3f} s; with the heap frozen: {frozen_pass:.3f} s; "
-          f"{full_pass / frozen_pass:.0f}x")
+    print(f"one full collection: {full_pass * 1000:.0f} ms; with the heap frozen: {frozen_pass * 1000:.2f} ms")
     print(f"exit with the final collection: {collected:.2f} s; with the heap frozen: {frozen:.2f} s; "
           f"{collected / frozen:.1f}x")
 
