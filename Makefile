@@ -17,8 +17,8 @@ $(INSTALLED): setup.py
 	$(BIN)/pip install --quiet --no-deps $(REFERENCE_PACKAGES)
 	touch $@
 
-# pytest-xdist workers, each running whole test files (module fixtures stay in one process); a third of the
-# suite's CPU time sat idle with one process (tests waiting on servers, launches and workers).
+# pytest-xdist workers, each running whole test files (module fixtures stay in one process): with one process
+# both cores sat idle 30% of the time (tests waiting on servers, launches and workers).
 TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import tokenizers
-
 import yaml
 
 from beit3 import cli
