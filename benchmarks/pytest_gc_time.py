@@ -1,7 +1,8 @@
 """A pytest plugin: how often the garbage collector ran during the session, and for how long, per generation.
 
-The suite's conftest freezes the heap once the test modules are imported (`freeze_imported_heap`); with
-`--gc-unfrozen` this plugin undoes that right after, so the two can be compared side by side:
+The suite's conftest freezes the heap once the test modules are imported (`beit3.cli.freeze_imports` in its
+`pytest_collection_finish`); with `--gc-unfrozen` this plugin undoes that right after, so the two can be
+compared side by side:
 
     PYTHONPATH=benchmarks .venv/bin/pytest -q -m "not slow" -p pytest_gc_time [--gc-unfrozen]
 """

@@ -10,6 +10,7 @@ import boto3
 import pytest
 from filelock import FileLock
 
+from beit3.cli import freeze_imports
 from beit3.config import load_config
 from beit3.pretrain.model_config import ModelConfig
 from s3_endpoint import moto_endpoint, point_boto3_at
@@ -61,16 +62,11 @@ def pytest_collection_modifyitems(items):
     items.sort(key=file_order)  # stable: each file's own tests keep their order
 
 
-def freeze_imported_heap() -> None:
-    """Leave the objects alive now out of the collector's full passes. Once the test modules are imported,
-    most of the heap is torch, DeepSpeed, Ray and MLflow, which live as long as the session; each full pass
-    walked them all again (seconds a pass on 2 cores, a sixth of `make test-fast`)."""
-    gc.collect()
-    gc.freeze()
-
-
 def pytest_collection_finish(session):
-    freeze_imported_heap()
+    """Once the test modules are imported, most of the heap is torch, DeepSpeed, Ray and MLflow, which live as
+    long as the session; each full pass of the collector walked them all again (seconds a pass on 2 cores, a
+    sixth of `make test-fast`), so they are frozen as `beit3 train` freezes its own."""
+    freeze_imports()
 
 
 def pytest_unconfigure(config):

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 
 from beit3 import cli
 from beit3.sample_data import tiny_recipe
-from conftest import REPO, freeze_imported_heap
+from conftest import REPO
 
 PACKAGE_FOLDERS = ["beit3", "pretrain", "tokenizers", "data_pipeline", "launch"]
 
@@ -76,21 +77,29 @@ def test_model_info_rejects_a_bad_config_with_the_field_named(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@contextmanager
+def heap_unfrozen():
+    """The collector's frozen set emptied for the test, and afterwards as the session had it."""
+    frozen = gc.get_freeze_count()
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if frozen:
+            cli.freeze_imports()
+
+
 def test_the_command_freezes_the_heap_for_its_exit_and_main_leaves_it_alone(monkeypatch, capsys):
     """The executable skips the interpreter's final collection; code that calls `main` (tests among it) keeps a
     collector that still frees what it drops."""
     arguments = ["model-info", "--config", str(REPO / "configs/model/tiny.yaml")]
-    before = gc.get_freeze_count()
-    assert cli.main(arguments) == 0 and gc.get_freeze_count() <= before  # frozen objects it freed leave the count
     monkeypatch.setattr(sys, "argv", ["beit3", *arguments])
-    try:
+    with heap_unfrozen():
+        assert cli.main(arguments) == 0 and gc.get_freeze_count() == 0
         with pytest.raises(SystemExit) as exited:
             cli.run()
-        assert exited.value.code == 0 and gc.get_freeze_count() > before
-    finally:
-        gc.unfreeze()
-        if before:
-            freeze_imported_heap()  # as the session had it
+        assert exited.value.code == 0 and gc.get_freeze_count() > 0
     assert "parameters" in capsys.readouterr().out
 
 
@@ -99,13 +108,7 @@ def test_training_freezes_what_its_imports_made_before_it_starts(tmp_path, capsy
     preflight, which refuses this recipe: its files are missing)."""
     recipe = tiny_recipe(tmp_path / "run", {"shards": tmp_path / "no-shards", "spm": tmp_path / "no-spm.model"})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    before = gc.get_freeze_count()
-    gc.unfreeze()
-    try:
+    with heap_unfrozen():
         assert cli.main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 2
         assert gc.get_freeze_count() > 100_000  # torch alone makes a few hundred thousand objects
-    finally:
-        gc.unfreeze()
-        if before:
-            freeze_imported_heap()
     assert "no-spm.model: not found" in capsys.readouterr().err
